@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.model.tiny import IMG, RUN, ids_with_images, tiny_config
+from vlm.model.vision_encoder import load_vision_encoder
+from vlm.model.vlm import ImagePlaceholderError, MiniMindVLM
+
+
+@pytest.fixture
+def model(tiny_vision_dir):
+    return MiniMindVLM(tiny_config(), load_vision_encoder(tiny_vision_dir)).eval()
+
+
+def test_features_land_exactly_at_placeholders_in_order(model):
+    row0 = ids_with_images([9, 10, "I", 11, "I", 12])
+    row1 = ids_with_images([13, "I"]) + [14] * (len(row0) - RUN - 1)
+    input_ids = torch.tensor([row0, row1])
+    pixels = torch.randn(2, 2, 3, 32, 32)  # sample 1 has one real image; slot 1 is padding
+    embeds = model.model.embed_tokens(input_ids)
+    merged = model.merge_image_features(input_ids, embeds, pixels)
+    with torch.no_grad():
+        feats = model.image_features(pixels.flatten(0, 1)).view(2, 2, RUN, -1)
+    assert torch.equal(merged[0, 2 : 2 + RUN], feats[0, 0])
+    assert torch.equal(merged[0, 3 + RUN : 3 + 2 * RUN], feats[0, 1])
+    assert torch.equal(merged[1, 1 : 1 + RUN], feats[1, 0])
+    text = input_ids != IMG
+    assert torch.equal(merged[text], embeds[text])
+
+
+def test_text_only_sample_in_a_batch_with_images_and_batch_of_one(model):
+    with_image = ids_with_images([9, "I", 10])
+    text_only = [11] * len(with_image)
+    input_ids = torch.tensor([with_image, text_only])
+    pixels = torch.randn(2, 1, 3, 32, 32)
+    batched = model(input_ids=input_ids, pixel_values=pixels).logits
+    alone = model(input_ids=input_ids[:1], pixel_values=pixels[:1]).logits
+    text_alone = model(input_ids=input_ids[1:]).logits
+    assert torch.allclose(batched[0], alone[0], atol=1e-5)
+    assert torch.allclose(batched[1], text_alone[0], atol=1e-5)
+
+
+def test_cut_placeholder_run_is_a_clear_error(model):
+    input_ids = torch.tensor([[9] + [IMG] * (RUN - 1) + [10]])
+    with pytest.raises(ImagePlaceholderError, match="not multiples of image_token_len"):
+        model(input_ids=input_ids, pixel_values=torch.randn(1, 1, 3, 32, 32))
+
+
+def test_more_runs_than_images_is_a_clear_error(model):
+    input_ids = torch.tensor([ids_with_images(["I", 9, "I"])])
+    with pytest.raises(ImagePlaceholderError, match="image slots"):
+        model(input_ids=input_ids, pixel_values=torch.randn(1, 1, 3, 32, 32))
+
+
+def test_loss_is_mean_ce_over_labelled_tokens_plus_separate_aux(model):
+    input_ids = torch.tensor([ids_with_images([9, "I", 10, 11, 12, 13])])
+    labels = input_ids.clone()
+    labels[:, : RUN + 3] = -100
+    out = model(input_ids=input_ids, pixel_values=torch.randn(1, 1, 3, 32, 32), labels=labels)
+    expected = F.cross_entropy(out.logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert float(out.aux_loss) == 0.0
+
+
+def test_frozen_encoder_is_outside_state_dict_and_optimizer_but_follows_dtype(model):
+    assert not any(k.startswith("vision_encoder.") for k in model.state_dict())
+    assert not any(n.startswith("vision_encoder.") for n, _ in model.named_parameters())
+    assert "vision_proj.vision_proj.0.weight" in model.state_dict()
+    model.to(torch.bfloat16)
+    assert next(model.get_vision_encoder().parameters()).dtype == torch.bfloat16
+
+
+def test_gradients_reach_projector_not_frozen_encoder(model):
+    model.train()
+    input_ids = torch.tensor([ids_with_images([9, "I", 10, 11])])
+    out = model(input_ids=input_ids, pixel_values=torch.randn(1, 1, 3, 32, 32), labels=input_ids)
+    out.loss.backward()
+    assert model.vision_proj.vision_proj[0].weight.grad is not None
+    assert all(p.grad is None for p in model.get_vision_encoder().parameters())
+    assert not model.get_vision_encoder().training
+
+
+def test_trainable_encoder_is_a_registered_part(tiny_vision_dir):
+    model = MiniMindVLM(tiny_config(), load_vision_encoder(tiny_vision_dir), trainable_vision=True).train()
+    assert any(n.startswith("vision_encoder.") for n, _ in model.named_parameters())
+    input_ids = torch.tensor([ids_with_images([9, "I", 10, 11])])
+    model(input_ids=input_ids, pixel_values=torch.randn(1, 1, 3, 32, 32), labels=input_ids).loss.backward()
+    assert model.vision_encoder.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_geometry_mismatch_is_reported(tiny_vision_dir):
+    with pytest.raises(ValueError, match="image_token_len"):
+        MiniMindVLM(tiny_config(image_token_len=196), load_vision_encoder(tiny_vision_dir))
+
+
+def test_generate_with_image_and_cache_equals_greedy_full_forward(model):
+    prompt = torch.tensor([ids_with_images([9, "I", 10])])
+    pixels = torch.randn(1, 1, 3, 32, 32)
+    generated = model.generate(prompt, pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+    ids = prompt
+    for _ in range(6):  # greedy decoding by full forward passes, no cache
+        next_id = model(input_ids=ids, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(generated, ids)

@@ -1,0 +1,387 @@
+"""Typed, validated training configuration, loaded from YAML with command-line overrides.
+
+Three sections: `model` (architecture, tokenizer, vision encoder, initial weights), `data` (shards and
+the pipeline) and `train` (optimisation, precision, DeepSpeed, checkpoints, logging). Each field's help
+text is its documentation. Unknown keys are errors that name the key; every cross-field problem is
+collected and raised once (`ConfigError`). Relative paths are relative to the working directory (run
+commands from the repository root, as the README does).
+
+Overrides: the seed's flags (`--dim 768 --use_moe false --learning_rate 1e-4 ...`, see `SEED_FLAGS`) and
+one generic dotted form for every field (`--train.warmup_steps=100` or `--train.warmup_steps 100`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_TINY_VISION = "builtin:tiny"
+DTYPES = ("bfloat16", "float16", "float32")
+TRAINABLE_POLICIES = ("projector", "projector+last_layer", "projector+lm", "all", "patterns")
+BATCHING = ("dynamic", "pack", "max_len")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; the message lists all of them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = _f(512, "Width of the language model (the seed's --dim).")
+    num_hidden_layers: int = _f(8, "Transformer layers (the seed's --n_layers).")
+    use_moe: bool = _f(False, "Mixture-of-experts feed-forward layers (the seed's --use_moe).")
+    num_attention_heads: int = _f(8, "Query heads.")
+    num_key_value_heads: int = _f(2, "Key/value heads (grouped-query attention).")
+    vocab_size: int | None = _f(None, "Vocabulary size; null = the tokenizer's size.")
+    max_position_embeddings: int = _f(32768, "Longest position the rotary tables cover.")
+    rope_theta: float = _f(1e6, "Rotary embedding base.")
+    dropout: float = _f(0.0, "Dropout on attention and residual branches.")
+    n_routed_experts: int = _f(4, "MoE: routed experts per layer.")
+    num_experts_per_tok: int = _f(2, "MoE: experts each token is routed to.")
+    n_shared_experts: int = _f(1, "MoE: experts every token passes through.")
+    aux_loss_alpha: float = _f(0.1, "MoE: weight of the load-balancing loss.")
+    seq_aux: bool = _f(True, "MoE: balance loss per sequence (true) or per batch (false).")
+    tokenizer: str | None = _f(None, "Tokenizer folder; null = the built-in byte-level BPE tokenizer.")
+    image_placeholder: str | None = _f(
+        None, "Placeholder token repeated once per image token; null = the tokenizer's <|image|>, '@' for MiniMind's."
+    )
+    vision_model: str = _f(
+        "model/vision_model", f"CLIP vision folder, or '{BUILTIN_TINY_VISION}' for the random-init tiny encoder."
+    )
+    vision_trainable: bool = _f(False, "Train the vision encoder too (needed when it starts from random init).")
+    init_weights: str | None = _f(
+        None, "Starting weights: a MiniMind(-V) .pth, or a checkpoint/export folder of an earlier stage."
+    )
+    init_allow_missing: list[str] = _f([], "Key prefixes the initial weights may lack, e.g. ['vision_proj.'].")
+    gradient_checkpointing: bool = _f(False, "Recompute layer activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = _f([], "Training sources: shard folders with manifest.json, brace patterns, URLs, pipe:.")
+    train_weights: list[float] | None = _f(None, "Mixing weights, one per training source; null = by size.")
+    eval_shards: list[str] = _f([], "Held-out sources for evaluation loss.")
+    max_seq_len: int = _f(640, "Truncation length in tokens (the seed's --max_seq_len).")
+    num_workers: int = _f(8, "DataLoader worker processes per rank (the seed's --num_workers).")
+    batching: str = _f("dynamic", f"How rows are formed: one of {BATCHING}.")
+    chunk_size: int = _f(64, "Consecutive samples per scheduling chunk (larger = more sequential reads).")
+    samples_per_epoch: int | None = _f(None, "Declared epoch length for sources without a manifest.")
+    max_bad_fraction: float = _f(0.01, "Abort when more than this share of samples are corrupt.")
+    max_pixels: int = _f(64_000_000, "Images above this many pixels are skipped (decompression bombs).")
+    log_samples: bool = _f(False, "Audit mode: write the keys each rank consumed to out_dir/samples/.")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = _f("pretrain", "'pretrain' (captions) or 'sft' (instructions); picks checks and defaults.")
+    out_dir: str = _f("out", "Checkpoints, metrics and plots go here.")
+    epochs: int = _f(4, "Passes over the training data.")
+    batch_size: int = _f(16, "Micro-batch per rank (the seed's --batch_size).")
+    accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(4e-4, "Peak learning rate.")
+    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of the peak.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    grad_clip: float = _f(1.0, "Gradient-norm clipping threshold; 0 disables.")
+    dtype: str = _f("bfloat16", f"Training precision: one of {DTYPES}.")
+    device: str = _f("auto", "'auto' (accelerator of this rank), 'cpu', or e.g. 'cuda:0' for one process.")
+    seed: int = _f(42, "Seed for initialisation and data order.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (null = run all epochs).")
+    log_interval: int = _f(100, "Optimizer steps between log lines.")
+    save_interval: int = _f(100, "Optimizer steps between checkpoints.")
+    keep_checkpoints: int = _f(3, "Complete checkpoints kept; older ones are deleted.")
+    resume: str = _f("auto", "'auto' (newest complete checkpoint in out_dir), 'never', or a checkpoint path.")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3 (selects ds_configs/zero<N>.json).")
+    deepspeed_config: str | None = _f(None, "DeepSpeed JSON overriding zero_stage's file (no batch fields).")
+    trainable: str = _f("projector", f"What trains: one of {TRAINABLE_POLICIES}.")
+    trainable_patterns: list[str] = _f([], "With trainable=patterns: fnmatch patterns of parameter names.")
+    peak_flops: float | None = _f(None, "Peak FLOP/s per device for MFU; null = auto-detect known GPUs.")
+    max_bad_steps: int = _f(5, "Consecutive NaN/Inf losses before the run stops.")
+    eval_interval: int = _f(0, "Optimizer steps between evaluations; 0 = at the end only.")
+    wandb_project: str | None = _f(None, "Log to this Weights & Biases project too (needs wandb installed).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The seed guide's flags (and the trainer's contract flags) and the fields they set.
+SEED_FLAGS = {
+    "out_dir": "train.out_dir", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate", "device": "train.device", "dtype": "train.dtype",
+    "num_workers": "data.num_workers", "accumulation_steps": "train.accumulation_steps",
+    "grad_clip": "train.grad_clip", "log_interval": "train.log_interval", "save_interval": "train.save_interval",
+    "dim": "model.hidden_size", "n_layers": "model.num_hidden_layers", "max_seq_len": "data.max_seq_len",
+    "use_moe": "model.use_moe", "train_shards": "data.train_shards", "eval_shards": "data.eval_shards",
+    "max_steps": "train.max_steps", "seed": "train.seed", "zero_stage": "train.zero_stage",
+    "deepspeed_config": "train.deepspeed_config", "resume": "train.resume", "log_samples": "data.log_samples",
+}
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert one value against a field type; strings (from the command line) are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, args[0], name)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, item, name) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string (quote it in YAML), got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def _unknown(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{where}{key}'{hint}; known: {', '.join(sorted(known))}"
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Build a Config from nested dicts (YAML), reporting every unknown key and bad value at once."""
+    problems: list[str] = []
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"the config must be a mapping of sections, got {type(data).__name__}"])
+    sections = {}
+    for key in data:
+        if key not in _SECTIONS:
+            problems.append(_unknown(key, list(_SECTIONS), ""))
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, dict):
+            problems.append(f"section '{name}' must be a mapping, got {raw!r}")
+            raw = {}
+        types_ = _field_types(cls)
+        values = {}
+        for key, value in raw.items():
+            if key not in types_:
+                problems.append(_unknown(key, list(types_), f"{name}."))
+                continue
+            try:
+                values[key] = _coerce(value, types_[key], f"{name}.{key}")
+            except ValueError as err:
+                problems.append(str(err))
+        sections[name] = cls(**values)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Set dotted fields (`train.learning_rate`) or seed flags (`learning_rate`), all problems at once."""
+    data = config.to_dict()
+    problems = []
+    for key, value in overrides.items():
+        dotted = SEED_FLAGS.get(key, key)
+        section, _, name = dotted.partition(".")
+        if section not in _SECTIONS or not name:
+            problems.append(_unknown(key, list(SEED_FLAGS) + [f"{s}.<field>" for s in _SECTIONS], "--"))
+            continue
+        if name not in data[section]:
+            problems.append(_unknown(name, list(data[section]), f"--{section}."))
+            continue
+        data[section][name] = value
+    if problems:
+        raise ConfigError(problems)
+    return config_from_dict(data)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (safe_load only) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"])
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path} is not valid YAML: {err}"]) from err
+    config = config_from_dict(data)
+    return apply_overrides(config, overrides or {})
+
+
+def _value_problems(cfg: Config) -> list[str]:
+    m, d, t = cfg.model, cfg.data, cfg.train
+    checks = [
+        (t.stage in ("pretrain", "sft"), f"train.stage must be 'pretrain' or 'sft', got {t.stage!r}"),
+        (t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}"),
+        (t.trainable in TRAINABLE_POLICIES, f"train.trainable must be one of {TRAINABLE_POLICIES}, got {t.trainable!r}"),
+        (d.batching in BATCHING, f"data.batching must be one of {BATCHING}, got {d.batching!r}"),
+        (t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}"),
+        (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.accumulation_steps >= 1, f"train.accumulation_steps must be >= 1, got {t.accumulation_steps}"),
+        (t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
+        (t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}"),
+        (t.save_interval >= 1, f"train.save_interval must be >= 1, got {t.save_interval}"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}"),
+        (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),
+        (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {t.betas}"),
+        (d.max_seq_len >= 8, f"data.max_seq_len must be >= 8, got {d.max_seq_len}"),
+        (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
+        (d.chunk_size >= 1, f"data.chunk_size must be >= 1, got {d.chunk_size}"),
+        (0 <= d.max_bad_fraction < 1, f"data.max_bad_fraction must be in [0, 1), got {d.max_bad_fraction}"),
+        (bool(d.train_shards), "data.train_shards is empty: give shard folders (--train_shards data/shards/pretrain)"),
+        (d.train_weights is None or len(d.train_weights) == len(d.train_shards),
+         f"data.train_weights has {len(d.train_weights or [])} entries for {len(d.train_shards)} train_shards"),
+        (m.hidden_size % m.num_attention_heads == 0,
+         f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}"),
+        (m.num_attention_heads % m.num_key_value_heads == 0,
+         f"model.num_attention_heads {m.num_attention_heads} is not divisible by num_key_value_heads {m.num_key_value_heads}"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def _policy_problems(cfg: Config) -> list[str]:
+    """Freezing policy against stage and initial weights."""
+    m, t = cfg.model, cfg.train
+    problems = []
+    if t.trainable == "patterns" and not t.trainable_patterns:
+        problems.append("train.trainable is 'patterns' but train.trainable_patterns is empty")
+    if t.trainable != "patterns" and t.trainable_patterns:
+        problems.append(f"train.trainable_patterns is set but train.trainable is {t.trainable!r}; set trainable: patterns")
+    if t.stage == "sft" and t.trainable in ("projector", "projector+last_layer"):
+        problems.append(
+            f"train.stage is 'sft' but train.trainable is {t.trainable!r}: SFT trains the language model "
+            "(use trainable: projector+lm, or stage: pretrain)"
+        )
+    lm_frozen = t.trainable in ("projector", "projector+last_layer")
+    if lm_frozen and m.init_weights is None:
+        problems.append(
+            f"train.trainable is {t.trainable!r} but model.init_weights is null: the language model would stay "
+            "frozen at random init (set model.init_weights to lm_512.pth, or trainable: all)"
+        )
+    if m.vision_trainable and t.trainable not in ("all", "patterns"):
+        problems.append(f"model.vision_trainable is true but train.trainable is {t.trainable!r}; use trainable: all")
+    if m.vision_model == BUILTIN_TINY_VISION and not m.vision_trainable and m.init_weights is None:
+        problems.append(
+            f"model.vision_model is '{BUILTIN_TINY_VISION}' (random init) but frozen and not loaded from "
+            "init_weights: set model.vision_trainable: true"
+        )
+    return problems
+
+
+def _file_problems(cfg: Config) -> list[str]:
+    m = cfg.model
+    problems = []
+    for label, path in (("model.tokenizer", m.tokenizer), ("model.init_weights", m.init_weights)):
+        if path is not None and not Path(path).exists():
+            problems.append(f"{label}: {path} does not exist")
+    if m.vision_model != BUILTIN_TINY_VISION and not Path(m.vision_model).is_dir():
+        problems.append(
+            f"model.vision_model: folder {m.vision_model} does not exist (put CLIP ViT-B/16 there, "
+            f"or use '{BUILTIN_TINY_VISION}')"
+        )
+    for label, sources in (("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards)):
+        for source in sources:
+            local = "://" not in source and not source.startswith("pipe:") and "{" not in source
+            if local and not Path(source).exists():
+                problems.append(f"{label}: {source} does not exist (run `make shard-data` first?)")
+    return problems
+
+
+def config_problems(cfg: Config, check_files: bool = True) -> list[str]:
+    """Every problem of a config that can be found without building anything."""
+    problems = _value_problems(cfg) + _policy_problems(cfg)
+    return problems + (_file_problems(cfg) if check_files else [])
+
+
+def validate_config(cfg: Config, check_files: bool = True) -> Config:
+    problems = config_problems(cfg, check_files)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def parse_cli_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
+    """Split argv into (--config path, overrides, leftovers the caller may reject).
+
+    Accepts `--key value`, `--key=value` and bare boolean flags (`--log_samples`, `--use_moe`).
+    """
+    config_path, overrides, leftovers = None, {}, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            leftovers.append(arg)
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else "true"
+            i += 1 if has_value else 0
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+        i += 1
+    return config_path, overrides, leftovers

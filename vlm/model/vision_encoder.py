@@ -1,0 +1,123 @@
+"""The vision encoder: a CLIP vision tower loaded from a local folder with `transformers`.
+
+Image features are taken exactly as MiniMind-V takes them: the tower's `last_hidden_state` (before the
+post-layernorm, which CLIP applies only to the pooled CLS output)
+with the CLS token dropped, i.e. (N, num_patches, vision_hidden) — 196 x 768 for CLIP ViT-B/16 at 224 px.
+
+`write_tiny_vision_encoder` builds the offline default: a small, randomly initialised CLIP vision tower
+(64-pixel pictures, patch 8 = 64 image tokens) saved like any Hugging Face folder, so runs without a
+download still go through the real loading code. It has learned nothing; the demo trains it from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+# CLIP's normalisation constants (the same as openai/clip-vit-base-patch16's preprocessor config).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+TINY_VISION = dict(
+    image_size=64,
+    patch_size=8,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+)
+
+
+class VisionEncoderError(RuntimeError):
+    """A configured vision encoder folder is missing or does not load."""
+
+
+def tiny_vision_config(**overrides) -> CLIPVisionConfig:
+    """The built-in tiny CLIP vision geometry (random init, for offline runs and tests)."""
+    return CLIPVisionConfig(**{**TINY_VISION, **overrides})
+
+
+def write_tiny_vision_encoder(folder: str | Path, seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised tiny CLIP vision tower + its preprocessor config to `folder`."""
+    folder = Path(folder)
+    config = tiny_vision_config(**overrides)
+    torch.manual_seed(seed)
+    CLIPVisionModel(config).save_pretrained(folder)
+    size = config.image_size
+    # The PIL flavour of CLIPImageProcessor: same config file, no torchvision needed.
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _read_model_type(folder: Path) -> str:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise VisionEncoderError(
+            f"vision encoder folder {folder} has no config.json; point model.vision_model_path at a CLIP "
+            "folder saved with save_pretrained (e.g. a copy of openai/clip-vit-base-patch16)"
+        )
+    try:
+        return json.loads(config_file.read_text()).get("model_type", "")
+    except (OSError, json.JSONDecodeError) as err:
+        raise VisionEncoderError(f"cannot read {config_file}: {err}") from err
+
+
+def load_vision_encoder(path: str | Path) -> CLIPVisionModel:
+    """Load the vision tower of a CLIP folder (`CLIPVisionModel` or a full `CLIPModel`), frozen, in eval mode.
+
+    Every vision weight must be present in the folder: a checkpoint that leaves part of the tower randomly
+    initialised is an error, not a warning.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise VisionEncoderError(
+            f"vision encoder folder {folder} does not exist; download CLIP ViT-B/16 there "
+            "(see README) or set model.vision_model_path"
+        )
+    model_type = _read_model_type(folder)
+    if model_type not in ("clip", "clip_vision_model"):
+        raise VisionEncoderError(
+            f"{folder} holds a {model_type!r} model; a CLIP vision model ('clip' or 'clip_vision_model') is needed"
+        )
+    try:
+        if model_type == "clip":  # a full CLIPModel folder: keep its vision tower, drop the text side
+            full, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
+            encoder = full.vision_model
+        else:
+            encoder, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise VisionEncoderError(f"cannot load the vision encoder from {folder}: {err}") from err
+    missing = [k for k in info["missing_keys"] if "text_model" not in k and not k.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        raise VisionEncoderError(
+            f"vision encoder weights in {folder} are incomplete: missing {missing[:8]}, "
+            f"mismatched {list(info.get('mismatched_keys') or [])[:8]}"
+        )
+    return freeze_vision_encoder(encoder)
+
+
+def freeze_vision_encoder(encoder: nn.Module) -> nn.Module:
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def num_image_tokens(config: CLIPVisionConfig) -> int:
+    """Patches per image = image tokens per placeholder run (CLS excluded)."""
+    return (config.image_size // config.patch_size) ** 2
+
+
+def encode_images(encoder: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, num_patches, vision_hidden): last hidden state without the CLS token."""
+    pixel_values = pixel_values.to(dtype=encoder.dtype)
+    hidden = encoder(pixel_values=pixel_values).last_hidden_state  # (N, 1 + P, Dv), before post_layernorm
+    return hidden[:, 1:, :]

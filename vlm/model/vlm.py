@@ -1,0 +1,143 @@
+"""The composite vision-language model: it only wires the parts together.
+
+`MiniMindVLM` is the MiniMind language model (whose state-dict names it inherits) plus a projector
+`vision_proj` and a vision encoder. Image features are written into the token embeddings at the image
+placeholder positions with one boolean mask; the language model then runs on `inputs_embeds`.
+
+A frozen vision encoder is deliberately *not* a registered submodule: it stays out of `state_dict()`,
+out of the optimizer and out of ZeRO-3 partitioning, yet follows the model through `.to()`/dtype casts.
+A trainable one (`trainable=True`, the from-scratch demo) is registered as `vision_encoder` like any part.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlm.model.config import VLMConfig
+from vlm.model.language_model import MiniMindForCausalLM
+from vlm.model.projector import VisionProjector
+from vlm.model.vision_encoder import encode_images, freeze_vision_encoder, num_image_tokens
+
+
+class ImagePlaceholderError(ValueError):
+    """The image placeholder runs in input_ids do not match the images given."""
+
+
+class MiniMindVLM(MiniMindForCausalLM):
+    config_class = VLMConfig
+
+    def __init__(self, config: VLMConfig, vision_encoder: nn.Module | None = None, trainable_vision: bool = False):
+        super().__init__(config)
+        self.vision_proj = VisionProjector(config.vision_hidden_size, config.hidden_size)
+        self.__dict__["_frozen_vision_encoder"] = None
+        if vision_encoder is not None:
+            self.set_vision_encoder(vision_encoder, trainable=trainable_vision)
+
+    def set_vision_encoder(self, encoder: nn.Module, trainable: bool = False) -> None:
+        """Attach a vision encoder; check that its geometry matches the placeholder run and the projector."""
+        vcfg = encoder.config
+        problems = []
+        if num_image_tokens(vcfg) != self.config.image_token_len:
+            problems.append(
+                f"the vision encoder gives {num_image_tokens(vcfg)} tokens per image "
+                f"({vcfg.image_size}px / patch {vcfg.patch_size}) but image_token_len is {self.config.image_token_len}"
+            )
+        if vcfg.hidden_size != self.config.vision_hidden_size:
+            problems.append(
+                f"the vision encoder's hidden size is {vcfg.hidden_size} but vision_hidden_size is "
+                f"{self.config.vision_hidden_size}"
+            )
+        if problems:
+            raise ValueError("vision encoder does not fit the model config: " + "; ".join(problems))
+        self._modules.pop("vision_encoder", None)
+        if trainable:
+            encoder.requires_grad_(True)
+            self.vision_encoder = encoder.train(self.training)
+            self.__dict__["_frozen_vision_encoder"] = None
+        else:
+            self.__dict__["_frozen_vision_encoder"] = freeze_vision_encoder(encoder)
+
+    def get_vision_encoder(self) -> nn.Module | None:
+        return self._modules.get("vision_encoder") or self.__dict__["_frozen_vision_encoder"]
+
+    @property
+    def vision_trainable(self) -> bool:
+        return "vision_encoder" in self._modules
+
+    def _apply(self, fn, recurse=True):
+        # Devices and dtypes reach the unregistered frozen encoder too.
+        super()._apply(fn, recurse)
+        frozen = self.__dict__.get("_frozen_vision_encoder")
+        if frozen is not None:
+            frozen._apply(fn, recurse)
+        return self
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, image_token_len, hidden): encode (no_grad when frozen), then project."""
+        encoder = self.get_vision_encoder()
+        if encoder is None:
+            raise ImagePlaceholderError("pixel_values were given but the model has no vision encoder attached")
+        if self.vision_trainable:
+            features = encode_images(encoder, pixel_values)
+        else:
+            with torch.no_grad():
+                features = encode_images(encoder, pixel_values)
+        return self.vision_proj(features.to(self.vision_proj.vision_proj[0].weight.dtype))
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Write image features over the placeholder tokens.
+
+        input_ids (B, T), inputs_embeds (B, T, D), pixel_values (B, N, 3, H, W). Sample b's k-th placeholder
+        run takes image slot k; slots beyond a sample's runs are padding and are not encoded.
+        """
+        if pixel_values.dim() != 5:
+            raise ImagePlaceholderError(f"pixel_values must be (batch, images, 3, H, W); got {tuple(pixel_values.shape)}")
+        run = self.config.image_token_len
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        per_sample = is_image.sum(dim=1)  # (B,)
+        if bool((per_sample % run).any()):
+            bad = per_sample.tolist()
+            raise ImagePlaceholderError(
+                f"image placeholder tokens per sample {bad} are not multiples of image_token_len {run}: "
+                "a placeholder run was cut or the tokenizer merged placeholder characters"
+            )
+        images_used = per_sample // run  # (B,)
+        slots = pixel_values.shape[1]
+        if bool((images_used > slots).any()):
+            raise ImagePlaceholderError(
+                f"samples hold {images_used.tolist()} image placeholder runs but pixel_values has {slots} image slots"
+            )
+        if not bool(is_image.any()):
+            return inputs_embeds
+        take = torch.arange(slots, device=input_ids.device)[None, :] < images_used[:, None]  # (B, N)
+        features = self.image_features(pixel_values[take])  # (M, run, D), M = images_used.sum()
+        # Row-major order of `take` and of `is_image` agree: image k of sample b fills sample b's k-th run.
+        return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), features.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)  # (B, T, D)
+            if pixel_values is not None:
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+        return super().forward(
+            input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get("past_key_values")
+        first_step = cache is None or cache.get_seq_length() == 0
+        # Images are encoded once, into the prompt's cache; later steps feed one new token each.
+        inputs["pixel_values"] = pixel_values if first_step else None
+        return inputs
