@@ -1,0 +1,208 @@
+"""The built-in synthetic picture corpus: MiniMind-V's data layout filled with pictures of coloured shapes.
+
+    python -m data_tools.synth --out dataset [--pretrain 2000] [--sft 1000] [--eval 200] [--seed 0] [--lang en|zh]
+
+Writes `pretrain_data.jsonl` + `pretrain_images/`, `sft_data.jsonl` + `sft_images/` and the held-out
+`eval_data.jsonl` + `eval_images/`, plus `synth_info.json` (the arguments; it marks the folder as ours so
+a re-run may replace it). Records follow MiniMind-V:
+`{"conversations": [{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", "content": "..."}],
+"image": "a.jpg"}`; two-image records list `"a.png, b.jpg"`, text-only records have no `image`.
+Eval records ask `EVAL_PROMPT` about pictures without grayscale (even index: one shape, odd: two or three)
+and carry `truth`: `{"lang", "answer" (the exact expected reply), "count", "grayscale", "shapes":
+[{"kind", "colour", "position", "size"}, ...]}`; score replies with `score_answer(reply, truth)`.
+
+Every record draws from its own RNG seeded by (seed, split, index): the same arguments give byte-identical
+files, and record i of a split does not depend on the other counts or on the language.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_tools.shapes import Scene, encode, render, sample_scene
+from data_tools.synth_text import (
+    EVAL_PROMPT,
+    LANGS,
+    PAIR_QUESTIONS,
+    SINGLE_QUESTIONS,
+    TEXT_QUESTIONS,
+    WORDS,
+    describe,
+    pair_qa,
+    parse_description,
+    score_answer,
+    single_image_qa,
+    text_qa,
+)
+
+__all__ = ["EVAL_PROMPT", "build_record", "iter_corpus_text", "main", "parse_description", "score_answer",
+           "write_corpus"]
+
+SPLITS = ("pretrain", "sft", "eval")
+PRETRAIN_PROMPTS = {
+    "en": ("Describe the picture.\n<image>", "<image>\nWhat is in this image?", EVAL_PROMPT["en"],
+           "What shapes do you see?\n<image>", "<image>\nGive a short description of the image.",
+           "Look at the picture and list the shapes.\n<image>"),
+    "zh": ("描述这张图片。\n<image>", "<image>\n这张图片里有什么？", EVAL_PROMPT["zh"],
+           "你看到了哪些图形？\n<image>", "<image>\n简要描述这张图片。", "看图并列出其中的图形。\n<image>"),
+}
+INFO_FILE = "synth_info.json"
+_OUR_IMAGE = re.compile(r"^(pretrain|sft|eval)_\d{6}(_\d)?\.(jpg|png)$")
+
+Images = list[tuple[str, Scene]]
+
+
+def _conversation(turns: list[tuple[str, str]]) -> list[dict]:
+    messages = []
+    for question, answer in turns:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def _with_images(question: str, n_images: int, rng: random.Random) -> str:
+    """Put the `<image>` placeholders before the question (mostly) or after it."""
+    tags = "\n".join(["<image>"] * n_images)
+    return f"{tags}\n{question}" if rng.random() < 0.7 else f"{question}\n{tags}"
+
+
+def _pretrain(rng: random.Random, index: int, lang: str) -> tuple[dict, Images]:
+    scene = sample_scene(rng)
+    name = f"pretrain_{index:06d}.{scene.fmt}"
+    prompt = rng.choice(PRETRAIN_PROMPTS[lang])
+    turns = [(prompt, describe(scene.shapes, scene.grayscale, lang))]
+    return {"conversations": _conversation(turns), "image": name}, [(name, scene)]
+
+
+def _sft(rng: random.Random, index: int, lang: str) -> tuple[dict, Images]:
+    """75% one picture, 15% two pictures compared, 10% text only; 2-3 question/answer turns each."""
+    n_turns = rng.choice((2, 3))
+    u = rng.random()
+    if u < 0.10:
+        kinds = rng.sample(TEXT_QUESTIONS, n_turns)
+        return {"conversations": _conversation([text_qa(k, rng, lang) for k in kinds])}, []
+    if u < 0.25:
+        scenes = [sample_scene(rng), sample_scene(rng)]
+        names = [f"sft_{index:06d}_{k}.{s.fmt}" for k, s in enumerate(scenes)]
+        pair = [(s.shapes, s.grayscale) for s in scenes]
+        turns = [pair_qa(k, *pair, rng, lang) for k in rng.sample(PAIR_QUESTIONS, n_turns)]
+    else:
+        scenes = [sample_scene(rng)]
+        names = [f"sft_{index:06d}.{scenes[0].fmt}"]
+        # The eval question opens a third of the dialogues so the SFT model keeps answering it.
+        first = "describe" if rng.random() < 0.35 else rng.choice(SINGLE_QUESTIONS[1:])
+        rest = rng.sample([k for k in SINGLE_QUESTIONS if k != first], n_turns - 1)
+        turns = [single_image_qa(k, scenes[0].shapes, scenes[0].grayscale, rng, lang) for k in [first, *rest]]
+    turns[0] = (_with_images(turns[0][0], len(scenes), rng), turns[0][1])
+    return {"conversations": _conversation(turns), "image": ", ".join(names)}, list(zip(names, scenes))
+
+
+def _eval(rng: random.Random, index: int, lang: str) -> tuple[dict, Images]:
+    """Even index: one shape; odd: two or three. No grayscale, so colour is always scorable."""
+    scene = sample_scene(rng, n_shapes=1 if index % 2 == 0 else rng.choice((2, 3)), allow_grayscale=False)
+    name = f"eval_{index:06d}.{scene.fmt}"
+    answer = describe(scene.shapes, scene.grayscale, lang)
+    truth = {"lang": lang, "answer": answer, "count": len(scene.shapes), "grayscale": scene.grayscale,
+             "shapes": [s.truth(scene.grayscale) for s in scene.shapes]}
+    record = {"conversations": _conversation([(EVAL_PROMPT[lang], answer)]), "image": name, "truth": truth}
+    return record, [(name, scene)]
+
+
+_BUILDERS = {"pretrain": _pretrain, "sft": _sft, "eval": _eval}
+
+
+def build_record(split: str, index: int, seed: int = 0, lang: str = "en") -> tuple[dict, Images]:
+    """Record `index` of `split` and the (file name, scene) of each picture it lists, without drawing them."""
+    if split not in _BUILDERS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if lang not in LANGS:
+        raise ValueError(f"unknown language {lang!r}; use one of {', '.join(LANGS)} (--lang)")
+    return _BUILDERS[split](random.Random(f"{seed}:{split}:{index}"), index, lang)
+
+
+def iter_corpus_text(lang: str, records_per_split: int = 300, seed: int = 0) -> Iterator[str]:
+    """Every word of the corpus vocabulary, the chat roles and the text of a sample of records
+    (with the `<image>` placeholders removed), for training a tokenizer."""
+    if lang not in LANGS:
+        raise ValueError(f"unknown language {lang!r}; use one of {', '.join(LANGS)}")
+    for table in WORDS[lang].values():
+        yield " ".join(str(v) for v in table.values())
+    yield "system\nuser\nassistant\n"
+    for split in SPLITS:
+        for index in range(records_per_split):
+            record, _ = build_record(split, index, seed, lang)
+            for message in record["conversations"]:
+                yield message["content"].replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")
+
+
+def _prepare_out(out: Path) -> None:
+    """Refuse to overwrite a corpus we did not write; clear one we did (only files with our names)."""
+    targets = [out / f"{s}_data.jsonl" for s in SPLITS]
+    if not (out / INFO_FILE).exists():
+        clash = [str(p) for p in targets if p.exists()]
+        if clash:
+            raise FileExistsError(f"{', '.join(clash)} already exist and were not written by data_tools.synth "
+                                  f"(no {INFO_FILE}); choose another --out or move them away")
+        return
+    for path in targets:
+        path.unlink(missing_ok=True)
+    for split in SPLITS:
+        folder = out / f"{split}_images"
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _OUR_IMAGE.match(path.name):
+                    path.unlink()
+
+
+def write_corpus(out: str | Path, pretrain: int = 2000, sft: int = 1000, eval: int = 200, seed: int = 0,
+                 lang: str = "en", progress: bool = True) -> dict[str, int]:
+    """Write the corpus into `out`; returns the number of records written per split."""
+    out = Path(out)
+    counts = {"pretrain": pretrain, "sft": sft, "eval": eval}
+    if any(n < 0 for n in counts.values()):
+        raise ValueError(f"record counts must be >= 0, got {counts}")
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
+    bar = tqdm(total=sum(counts.values()), desc="synth corpus", unit="rec", disable=not progress)
+    for split, n in counts.items():
+        images = out / f"{split}_images"
+        images.mkdir(exist_ok=True)
+        with open(out / f"{split}_data.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for index in range(n):
+                record, pictures = build_record(split, index, seed, lang)
+                for name, scene in pictures:
+                    (images / name).write_bytes(encode(scene, render(scene)))
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                bar.update()
+    bar.close()
+    info = {"tool": "data_tools.synth", "format_version": 1, "seed": seed, "lang": lang, "records": counts}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return counts
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data_tools.synth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (created; a previous synth corpus there is replaced)")
+    p.add_argument("--pretrain", type=int, default=2000, help="pretrain records (caption pairs)")
+    p.add_argument("--sft", type=int, default=1000, help="SFT records (multi-turn, some two-image, some text-only)")
+    p.add_argument("--eval", type=int, default=200, help="held-out eval records with ground truth")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed: same seed and counts, same bytes")
+    p.add_argument("--lang", choices=LANGS, default="en", help="language of prompts and answers")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    counts = write_corpus(args.out, args.pretrain, args.sft, args.eval, args.seed, args.lang)
+    print(f"wrote {', '.join(f'{n} {s}' for s, n in counts.items())} records to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
