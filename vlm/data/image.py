@@ -1,0 +1,258 @@
+"""Image stage: decode under a pixel limit, then CLIP preprocessing without `CLIPImageProcessor`'s overhead.
+
+    from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor
+    preprocess = ImagePreprocessor(ImagePreprocessConfig.from_folder("model/vision_model"))
+    pixels = preprocess(jpeg_bytes)          # (3, 224, 224) float32, or raises BadSample
+
+The output matches `transformers.CLIPImageProcessor` (PIL backend, the same PIL calls): alpha composited
+onto white, shortest side resized to `shortest_edge` with the long side truncated by `int()`, centre crop
+(zero-padded when the crop is larger than the resized image), rescale, normalise. EXIF orientation is not
+applied, as CLIPImageProcessor does not apply it either. The speed comes from skipping its per-call work
+(input validation, PIL <-> numpy round trips, float64 rescale, several transposes, BatchFeature): one PIL
+resize, one crop, and one fused transpose + scale-and-shift in torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlm.data.errors import BadSample
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# 32 Mpx: well above any training picture, below PIL's own decompression-bomb threshold (89 Mpx).
+DEFAULT_MAX_PIXELS = 1 << 25
+# Formats decoded from shards. Others (EPS runs Ghostscript, for one) are refused as data, not tried.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class ImageConfigError(ValueError):
+    """A preprocessor config that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    """How pictures become vision-encoder input; the fields of a CLIP `preprocessor_config.json`."""
+
+    shortest_edge: int = 224
+    """The shorter side is resized to this; the longer side keeps the aspect ratio (truncated)."""
+    crop: tuple[int, int] = (224, 224)
+    """Centre-crop size (height, width)."""
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    """Per-channel mean subtracted after rescaling."""
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    """Per-channel standard deviation divided by after subtracting the mean."""
+    resample: int = int(Image.Resampling.BICUBIC)
+    """PIL resampling filter (3 = bicubic, CLIP's)."""
+    do_center_crop: bool = True
+    """Crop to `crop`; without it, outputs keep the resized size and cannot be batched together."""
+    rescale_factor: float = 1 / 255
+    """Multiplies the 0..255 pixel values before normalising."""
+
+    def __post_init__(self):
+        problems = []
+        if self.shortest_edge < 1:
+            problems.append(f"shortest_edge must be >= 1, got {self.shortest_edge}")
+        if len(self.crop) != 2 or min(self.crop) < 1:
+            problems.append(f"crop must be (height, width) >= 1, got {self.crop}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            problems.append(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        elif min(self.std) <= 0:
+            problems.append(f"std must be positive, got {self.std}")
+        if self.resample not in {int(r) for r in Image.Resampling}:
+            problems.append(f"resample must be a PIL filter number 0..5, got {self.resample}")
+        if problems:
+            raise ImageConfigError("invalid image preprocessing config: " + "; ".join(problems))
+
+    @property
+    def output_shape(self) -> tuple[int, int, int] | None:
+        """(3, H, W) of every output, or None when sizes vary (no centre crop)."""
+        return (3, *self.crop) if self.do_center_crop else None
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> ImagePreprocessConfig:
+        """Read `preprocessor_config.json` from a CLIP folder (e.g. a copy of openai/clip-vit-base-patch16)."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            raise ImageConfigError(
+                f"{file} not found; point the vision model path at a CLIP folder that has its "
+                "preprocessor_config.json (saved by CLIPImageProcessor.save_pretrained)"
+            )
+        try:
+            raw = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ImageConfigError(f"cannot read {file}: {err}") from err
+        if not isinstance(raw, dict):
+            raise ImageConfigError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(file))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "preprocessor config") -> ImagePreprocessConfig:
+        """Interpret a preprocessor-config dict the way CLIPImageProcessor does (old and new layouts)."""
+
+        def fail(key: str, why: str) -> ImageConfigError:
+            return ImageConfigError(f"{source}: '{key}' {why} (value {raw.get(key)!r})")
+
+        if raw.get("do_resize", True) is not True:
+            raise fail("do_resize", "must be true: pictures of any size are resized to the encoder's size")
+        size = raw.get("size", 224)
+        if isinstance(size, Mapping):
+            if set(k for k, v in size.items() if v is not None) != {"shortest_edge"}:
+                raise fail("size", "must be {'shortest_edge': N} or an int (CLIP's shortest-edge resize)")
+            size = size["shortest_edge"]
+        crop = raw.get("crop_size", 224)
+        if isinstance(crop, Mapping):
+            if crop.get("height") is None or crop.get("width") is None:
+                raise fail("crop_size", "must be {'height': H, 'width': W} or an int")
+            crop = (crop["height"], crop["width"])
+        elif isinstance(crop, int):
+            crop = (crop, crop)
+        if not isinstance(size, int) or not all(isinstance(c, int) for c in crop):
+            raise fail("size", f"and crop_size must be integers, got size={size!r} crop_size={crop!r}")
+        normalise = raw.get("do_normalize", True)
+        mean = _three(raw.get("image_mean", OPENAI_CLIP_MEAN)) if normalise else (0.0, 0.0, 0.0)
+        std = _three(raw.get("image_std", OPENAI_CLIP_STD)) if normalise else (1.0, 1.0, 1.0)
+        if mean is None or std is None:
+            raise fail("image_mean", "and image_std must be a number or a list of 3 numbers")
+        rescale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
+        return cls(
+            shortest_edge=size,
+            crop=tuple(crop),
+            mean=mean,
+            std=std,
+            resample=int(raw.get("resample", Image.Resampling.BICUBIC)),
+            do_center_crop=bool(raw.get("do_center_crop", True)),
+            rescale_factor=rescale,
+        )
+
+
+def _three(value: Any) -> tuple[float, float, float] | None:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return tuple(float(v) for v in value)
+    return None
+
+
+def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """(width, height) after CLIP's shortest-edge resize: the long side is `int(edge * long / short)`."""
+    if width <= height:
+        return shortest_edge, int(shortest_edge * height / width)
+    return int(shortest_edge * width / height), shortest_edge
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as CLIPImageProcessor makes it: anything with transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass
+class ImagePreprocessor:
+    """Picklable callable: encoded bytes or a PIL image -> float32 tensor (3, H, W), or `BadSample`.
+
+    Pictures with more than `max_pixels` pixels are refused from their header, before any decoding, and so
+    are extreme aspect ratios whose shortest-edge resize would exceed `max_pixels`.
+    """
+
+    config: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    formats: tuple[str, ...] = ALLOWED_FORMATS
+
+    def __post_init__(self):
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        # normalise((x * rescale - mean) / std) as one multiply-subtract: x * scale - shift, each (3, 1, 1).
+        std = torch.tensor(self.config.std, dtype=torch.float64)
+        mean = torch.tensor(self.config.mean, dtype=torch.float64)
+        self._scale = (self.config.rescale_factor / std).float().view(3, 1, 1)
+        self._shift = (mean / std).float().view(3, 1, 1)
+
+    def __call__(self, image: Image.Image | bytes) -> torch.Tensor:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = self.open(image)
+        self.check_size(image)
+        try:
+            image.load()  # decodes a lazily opened image
+            rgb = to_rgb(image)
+        except Exception as err:  # a corrupt file can raise almost anything from a PIL plugin
+            raise BadSample("image_decode", repr(err)) from err
+        return self.normalise(self.resize_and_crop(rgb))
+
+    def open(self, data: bytes) -> Image.Image:
+        """Open encoded bytes lazily (header only) and check the pixel limit before decoding."""
+        try:
+            image = Image.open(io.BytesIO(data), formats=self.formats)
+        except Image.DecompressionBombError as err:
+            raise BadSample("image_too_large", str(err)) from err
+        except Exception as err:  # unknown format, truncated header, plugin errors
+            raise BadSample("image_decode", repr(err)) from err
+        self.check_size(image)
+        return image
+
+    def check_size(self, image: Image.Image) -> None:
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise BadSample("image_too_large", f"{width}x{height} > max_pixels={self.max_pixels}")
+        if width < 1 or height < 1:
+            raise BadSample("image_decode", f"empty image {width}x{height}")
+
+    def resize_and_crop(self, rgb: Image.Image) -> np.ndarray:
+        """RGB image -> writable uint8 array (H, W, 3): shortest-edge resize, then centre crop.
+
+        The whole picture is resized and then cropped, as CLIPImageProcessor does: resampling only the crop
+        window (PIL's fractional `box`) changes PIL's intermediate rounding and was measured to differ by
+        up to 18/255 on noisy pictures, so it is not used.
+        """
+        cfg = self.config
+        new_w, new_h = resized_size(*rgb.size, cfg.shortest_edge)
+        if new_w * new_h > self.max_pixels:  # a 1 x 30000 strip would resize to 224 x 6.7M
+            raise BadSample("image_too_large", f"{rgb.width}x{rgb.height} resizes to {new_w}x{new_h}")
+        resized = rgb.resize((new_w, new_h), cfg.resample)
+        if not cfg.do_center_crop:
+            return np.array(resized)
+        crop_h, crop_w = cfg.crop
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        if top >= 0 and left >= 0:
+            return np.array(resized.crop((left, top, left + crop_w, top + crop_h)))
+        return _pad_crop(np.asarray(resized), crop_h, crop_w)
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float32 (3, H, W), rescaled and normalised."""
+        height, width, _ = pixels.shape
+        out = torch.empty((3, height, width), dtype=torch.float32)
+        out.copy_(torch.from_numpy(pixels).permute(2, 0, 1))  # one pass: transpose + cast
+        return out.mul_(self._scale).sub_(self._shift)
+
+
+def _pad_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """Centre crop with zero padding where the image is smaller than the crop, placed as HF places it."""
+    height, width, _ = pixels.shape
+    out = np.zeros((crop_h, crop_w, 3), dtype=pixels.dtype)
+    if height >= crop_h:
+        src_y, dst_y, rows = (height - crop_h) // 2, 0, crop_h
+    else:
+        src_y, dst_y, rows = 0, math.ceil((crop_h - height) / 2), height
+    if width >= crop_w:
+        src_x, dst_x, cols = (width - crop_w) // 2, 0, crop_w
+    else:
+        src_x, dst_x, cols = 0, math.ceil((crop_w - width) / 2), width
+    out[dst_y : dst_y + rows, dst_x : dst_x + cols] = pixels[src_y : src_y + rows, src_x : src_x + cols]
+    return out
