@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 # Names of the seed's model flags and the config fields they set.
 SEED_MODEL_ALIASES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "use_moe": "use_moe"}
@@ -129,3 +129,8 @@ class VLMConfig(MiniMindConfig):
         self.vision_hidden_size = vision_hidden_size
         self.vision_model_path = vision_model_path
         super().__init__(**kwargs)
+
+
+# Lets `AutoConfig` (and AutoTokenizer, which reads config.json) recognise exported folders.
+AutoConfig.register(MiniMindConfig.model_type, MiniMindConfig)
+AutoConfig.register(VLMConfig.model_type, VLMConfig)

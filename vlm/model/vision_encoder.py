@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
@@ -43,19 +44,27 @@ def tiny_vision_config(**overrides) -> CLIPVisionConfig:
 
 def write_tiny_vision_encoder(folder: str | Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised tiny CLIP vision tower + its preprocessor config to `folder`."""
-    folder = Path(folder)
     config = tiny_vision_config(**overrides)
     torch.manual_seed(seed)
-    CLIPVisionModel(config).save_pretrained(folder)
     size = config.image_size
-    # The PIL flavour of CLIPImageProcessor: same config file, no torchvision needed.
-    processor = CLIPImageProcessorPil(
+    processor = CLIPImageProcessorPil(  # the PIL flavour of CLIPImageProcessor: same file, no torchvision
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
-    processor.save_pretrained(folder)
+    return save_vision_encoder(CLIPVisionModel(config), folder, processor)
+
+
+def save_vision_encoder(encoder: CLIPVisionModel, folder: str | Path, processor=None) -> Path:
+    """Write a loadable CLIP vision folder on any rank (`save_pretrained` writes on rank 0 only)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.config.save_pretrained(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if processor is not None:
+        processor.save_pretrained(folder)
     return folder
 
 

@@ -11,13 +11,20 @@ A trainable one (`trainable=True`, the from-scratch demo) is registered as `visi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from vlm.model.config import VLMConfig
 from vlm.model.language_model import MiniMindForCausalLM
 from vlm.model.projector import VisionProjector
-from vlm.model.vision_encoder import encode_images, freeze_vision_encoder, num_image_tokens
+from vlm.model.vision_encoder import (
+    encode_images,
+    freeze_vision_encoder,
+    load_vision_encoder,
+    num_image_tokens,
+)
 
 
 class ImagePlaceholderError(ValueError):
@@ -33,6 +40,15 @@ class MiniMindVLM(MiniMindForCausalLM):
         self.__dict__["_frozen_vision_encoder"] = None
         if vision_encoder is not None:
             self.set_vision_encoder(vision_encoder, trainable=trainable_vision)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also attaches the exported folder's `vision_model/` (see vlm.model.pretrained)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        vision = Path(pretrained_model_name_or_path) / "vision_model"
+        if model.get_vision_encoder() is None and vision.is_dir():
+            model.set_vision_encoder(load_vision_encoder(vision))
+        return model
 
     def set_vision_encoder(self, encoder: nn.Module, trainable: bool = False) -> None:
         """Attach a vision encoder; check that its geometry matches the placeholder run and the projector."""

@@ -68,7 +68,14 @@ def load_minimind_weights(
     `allow_missing`: key prefixes that may be absent from the file, e.g. `("vision_proj.",)` for a language-
     model-only `lm_512.pth`. `lm_head.weight` may be absent when it is tied to the embeddings.
     """
-    state = read_state_dict(path)
+    return load_state_strict(model, read_state_dict(path), str(path), allow_missing)
+
+
+def load_state_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing: Iterable[str] = ()
+) -> list[str]:
+    """Copy `state` (MiniMind-V names, no vision encoder) into `model`; every mismatch raises, naming keys."""
+    path = source
     state = {k: v for k, v in state.items() if not k.startswith(VISION_ENCODER_PREFIX)}
     expected = _expected_state(model)
     tied = getattr(model.config, "tie_word_embeddings", False)

@@ -1,0 +1,102 @@
+"""Build the model, tokenizer and image preprocessing from a `Config` (shared by train, eval, chat, export).
+
+Starting weights (`model.init_weights`): a MiniMind(-V) `.pth` (language model, plus the projector when
+present; list absent prefixes in `model.init_allow_missing`) or a folder exported by `vlm.export --format hf`
+(or a previous stage's `out_dir/export`), whose own vision tower then replaces `model.vision_model`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm.config import BUILTIN_TINY_VISION, Config
+from vlm.data.image import ImagePreprocessConfig
+from vlm.model.config import VLMConfig
+from vlm.model.pretrained import VISION_SUBFOLDER, load_vlm_folder
+from vlm.model.vision_encoder import load_vision_encoder, num_image_tokens, write_tiny_vision_encoder
+from vlm.model.vlm import MiniMindVLM
+from vlm.model.weights import load_minimind_weights, load_state_strict
+from vlm.tokenizer import image_placeholder_id, load_tokenizer
+
+
+@dataclass
+class Built:
+    model: MiniMindVLM
+    tokenizer: object
+    image_config: ImagePreprocessConfig
+    vision_folder: Path
+    image_token_id: int
+
+
+def tiny_vision_folder(out_dir: str | Path, seed: int) -> Path:
+    """The built-in tiny encoder's folder in out_dir, written once (atomically: ranks may race to write it)."""
+    target = Path(out_dir) / "vision_model_init"
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".vision_tmp"))
+        write_tiny_vision_encoder(tmp, seed=seed)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another rank got there first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_vision_folder(cfg: Config) -> Path:
+    init = cfg.model.init_weights
+    if init is not None and (Path(init) / VISION_SUBFOLDER).is_dir():
+        return Path(init) / VISION_SUBFOLDER
+    if cfg.model.vision_model == BUILTIN_TINY_VISION:
+        return tiny_vision_folder(cfg.train.out_dir, cfg.train.seed)
+    return Path(cfg.model.vision_model)
+
+
+def model_config(cfg: Config, tokenizer, image_token_id: int, vision_config) -> VLMConfig:
+    m = cfg.model
+    return VLMConfig(
+        vocab_size=m.vocab_size or len(tokenizer),
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        dropout=m.dropout,
+        use_moe=m.use_moe,
+        n_routed_experts=m.n_routed_experts,
+        num_experts_per_tok=m.num_experts_per_tok,
+        n_shared_experts=m.n_shared_experts,
+        aux_loss_alpha=m.aux_loss_alpha,
+        seq_aux=m.seq_aux,
+        image_token_id=image_token_id,
+        image_token_len=num_image_tokens(vision_config),
+        vision_hidden_size=vision_config.hidden_size,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+
+
+def build(cfg: Config) -> Built:
+    """Tokenizer -> vision encoder -> model (random init) -> starting weights, each failure naming its path."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    image_token_id = image_placeholder_id(tokenizer, cfg.model.image_placeholder)
+    vision_folder = resolve_vision_folder(cfg)
+    encoder = load_vision_encoder(vision_folder)
+    config = model_config(cfg, tokenizer, image_token_id, encoder.config)
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"model.vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    model = MiniMindVLM(config, encoder, trainable_vision=cfg.model.vision_trainable)
+    init = cfg.model.init_weights
+    if init is not None and Path(init).is_dir():
+        source, _ = load_vlm_folder(init)  # its vision tower is already ours, via resolve_vision_folder
+        load_state_strict(model, source.state_dict(), init)
+    elif init is not None:
+        load_minimind_weights(model, init, allow_missing=cfg.model.init_allow_missing)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return Built(model, tokenizer, ImagePreprocessConfig.from_folder(vision_folder), vision_folder, image_token_id)

@@ -1,0 +1,101 @@
+"""One micro-batch through the engine, and the evaluation loss: the collective-safe parts of the loop.
+
+Every rank must make the same DeepSpeed calls in the same order, or a collective waits forever. So a
+micro-batch whose loss is NaN/Inf on ANY rank (agreed by an all-reduce) is replaced on every rank by a
+zero-weight backward through a one-row dummy batch: its gradient contribution is exactly zero, DeepSpeed's
+accumulation counters and hooks run as usual, and the bad activations never reach the weights. An empty
+micro-batch (all of its samples were bad) takes the same zero-weight path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # this rank's loss for the micro-batch; None when it contributed nothing
+    skipped_nonfinite: bool
+
+
+def _all_ranks_true(flag: bool, device: torch.device) -> bool:
+    import deepspeed.comm as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    pixels = inputs.get("pixel_values")
+    if pixels is not None and pixels.shape[1] == 0:  # no image in any row
+        inputs.pop("pixel_values")
+    return inputs
+
+
+def _dummy_inputs(engine, device: torch.device) -> dict:
+    pad = engine.module.config.pad_token_id or 0
+    ids = torch.full((1, 8), pad, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _zero_weight_backward(engine, device: torch.device) -> None:
+    out = engine(**_dummy_inputs(engine, device))
+    engine.backward(out.logits.float().sum() * 0.0 + out.aux_loss.float() * 0.0)
+    engine.step()
+
+
+def run_micro_batch(engine, batch: dict, device: torch.device) -> StepResult:
+    """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries)."""
+    if int(batch["num_samples"]) == 0:
+        _all_ranks_true(True, device)  # keep the all-reduce sequence identical on every rank
+        _zero_weight_backward(engine, device)
+        return StepResult(None, False)
+    out = engine(**model_inputs(batch, device))
+    loss = out.loss.float() + out.aux_loss.float()
+    if not _all_ranks_true(bool(torch.isfinite(loss).item()), device):
+        del out, loss  # drop the graph with the bad activations
+        _zero_weight_backward(engine, device)
+        return StepResult(None, True)
+    engine.backward(loss)
+    engine.step()
+    return StepResult(float(out.loss.detach()), False)
+
+
+@torch.no_grad()
+def evaluate_loss(engine, loader, device: torch.device, world_size: int) -> float:
+    """Token-weighted mean loss over the eval loader, across ranks (ranks with fewer batches run dummies)."""
+    import deepspeed.comm as dist
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        if not _any_rank_true(batch is not None, device, world_size):
+            break
+        if batch is None or int(batch["num_samples"]) == 0:
+            engine(**_dummy_inputs(engine, device))  # ZeRO-3 gathers weights collectively in forward
+            continue
+        out = engine(**model_inputs(batch, device))
+        tokens = int(batch["num_label_tokens"])
+        total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(total)
+    engine.train()
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def _any_rank_true(flag: bool, device: torch.device, world_size: int) -> bool:
+    import deepspeed.comm as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -1,0 +1,288 @@
+"""One trainer for every stage: pretrain and SFT differ only in their YAML.
+
+    deepspeed --num_gpus 2 launch/train.py --config launch/configs/debug.yaml
+
+`run(cfg)` sets up (process group, model, freezing, loader, engine, resume), then `Trainer.fit()` loops
+over micro-batches; DeepSpeed handles accumulation, clipping, the optimizer and the schedule. Returns the
+process exit code: 0 done, EXIT_CHECKPOINTED_ON_SIGNAL after a signal-triggered checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlm.build import Built, build
+from vlm.config import Config, validate_config
+from vlm.data.pipeline import build_eval_loader, build_train_loader
+from vlm.train import checkpoint as ckpt
+from vlm.train.audit import SampleAudit
+from vlm.train.distributed import (
+    build_ds_config,
+    build_engine,
+    device_for_rank,
+    init_distributed,
+)
+from vlm.train.freeze import apply_trainable_policy
+from vlm.train.metrics import MetricsLog, StepTimer, plot_loss, train_flops_per_token
+from vlm.train.signals import EXIT_CHECKPOINTED_ON_SIGNAL, StopFlag
+from vlm.train.stepping import MODEL_INPUTS, StepResult, run_micro_batch
+
+log = logging.getLogger("vlm.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, built: Built, engine, loader, eval_loader, dist_env, device, start: dict):
+        self.cfg, self.built, self.engine = cfg, built, engine
+        self.loader, self.eval_loader = loader, eval_loader
+        self.env, self.device = dist_env, device
+        self.out_dir = Path(cfg.train.out_dir)
+        self.is_main = dist_env.rank == 0
+        self.step = start.get("step", 0)
+        self.metrics = MetricsLog(self.out_dir, self.is_main)
+        self.audit = SampleAudit(self.out_dir, dist_env.rank) if cfg.data.log_samples else None
+        self.timer = StepTimer()
+        self.stop = StopFlag().install()
+        self.bad_in_row = 0
+        self.saved_step = -1
+        self.window: list[StepResult] = []
+        lm_params = sum(p.numel() for n, p in built.model.named_parameters() if not n.startswith("vision_encoder."))
+        mc = built.model.config
+        self.flops_per_token = train_flops_per_token(lm_params, mc.num_hidden_layers, mc.hidden_size,
+                                                     cfg.data.max_seq_len)
+        steps_per_epoch = loader.micro_batches_per_epoch // cfg.train.accumulation_steps
+        self.total_steps = min(steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 10**18)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", unit="step")
+        try:
+            while self.loader.epoch < self.cfg.train.epochs and self.step < self.total_steps:
+                if self._run_epoch(bar) == "signal":
+                    return EXIT_CHECKPOINTED_ON_SIGNAL
+            self._finish()
+            return 0
+        finally:
+            bar.close()
+            self.stop.uninstall()
+
+    def _run_epoch(self, bar) -> str | None:
+        accumulation = self.cfg.train.accumulation_steps
+        fetch_start = time.perf_counter()
+        for batch in self.loader:
+            wait = time.perf_counter() - fetch_start
+            result = run_micro_batch(self.engine, batch, self.device)
+            self._account(batch, result, wait)
+            consumed = batch["micro_step"] + 1
+            if self.audit is not None:
+                self.audit.record(self.loader.epoch, batch["micro_step"], batch.get("keys", []))
+            if consumed % accumulation == 0:
+                self.step += 1
+                bar.update(1)
+                outcome = self._after_step(consumed)
+                if outcome is not None:
+                    return outcome
+            fetch_start = time.perf_counter()
+        self.loader.set_epoch(self.loader.epoch + 1)
+        if self.saved_step != self.step:  # the epoch's end is a checkpoint (unless this step already is one)
+            self.save(self.loader.state_dict(0))
+        return None
+
+    def _account(self, batch: dict, result: StepResult, wait: float) -> None:
+        self.window.append(result)
+        tokens = int(batch["num_tokens"])
+        flops = self.flops_per_token * tokens if result.loss is not None else 0.0
+        self.timer.add(wait, tokens, int(batch["num_samples"]), flops)
+        if result.skipped_nonfinite:
+            self.bad_in_row += 1
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_in_row} micro-batches in a row had a NaN/Inf loss (train.max_bad_steps="
+                    f"{self.cfg.train.max_bad_steps}); lower train.learning_rate or use dtype bfloat16/float32"
+                )
+        elif result.loss is not None:
+            self.bad_in_row = 0
+
+    def _after_step(self, consumed: int) -> str | None:
+        """'signal' or 'done' end the epoch loop; None goes on."""
+        t = self.cfg.train
+        if self.step % t.log_interval == 0 or self.step == self.total_steps:
+            self._log()
+        if t.eval_interval and self.step % t.eval_interval == 0:
+            self.evaluate()
+        if self.stop.agreed(self.device):
+            self.save(self.loader.state_dict(consumed))
+            if self.is_main:
+                log.warning("stop signal received: checkpointed at step %d; exiting with code %d",
+                            self.step, EXIT_CHECKPOINTED_ON_SIGNAL)
+            return "signal"
+        if self.step >= self.total_steps or self.step % t.save_interval == 0:
+            self.save(self.loader.state_dict(consumed))
+        return "done" if self.step >= self.total_steps else None
+
+    def _finish(self) -> None:
+        loss = self.evaluate() if self.eval_loader is not None else None
+        if self.is_main:
+            plot_loss(self.metrics.read(), self.out_dir / "loss.png", title=f"{self.cfg.train.stage} loss")
+        from vlm.train.export_live import export_live
+
+        export_live(self.engine, self.built, self.out_dir / "export", self.is_main)
+        if self.is_main and loss is not None:
+            log.info("final eval loss %.4f", loss)
+
+    # -- logging, eval, checkpoints ------------------------------------------------------------------
+    def _log(self) -> None:
+        import deepspeed.comm as dist
+
+        losses = [r.loss for r in self.window if r.loss is not None]
+        stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=self.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(stats)
+        mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+        summary = self.timer.summary(self.env.world_size, self.peak_flops)
+        remaining = self.total_steps - self.step
+        elapsed = time.perf_counter() - self.timer.start
+        steps_in_window = max(len(self.window) // self.cfg.train.accumulation_steps, 1)
+        norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step, "epoch": self.loader.epoch, "loss": mean_loss,
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": float(norm) if norm is not None and math.isfinite(float(norm)) else None,
+            **summary, "memory_gb": _memory_gb(self.device),
+            "eta_s": remaining * elapsed / steps_in_window,
+            "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
+        }
+        self.metrics.write(record)
+        if self.is_main:
+            tqdm.write(
+                f"step {self.step}/{self.total_steps} loss {mean_loss:.4f} lr {record['lr']:.2e} "
+                f"tok/s {record['tokens_per_s']:.0f} data-wait {record['data_wait_share']:.0%}"
+            )
+        self.window.clear()
+        self.timer.reset()
+
+    @property
+    def peak_flops(self) -> float | None:
+        if self.cfg.train.peak_flops:
+            return self.cfg.train.peak_flops
+        from vlm.train.metrics import detect_peak_flops
+
+        if self.device.type == "cuda":
+            return detect_peak_flops(torch.cuda.get_device_name(self.device))
+        return None
+
+    def evaluate(self) -> float | None:
+        if self.eval_loader is None:
+            return None
+        from vlm.train.stepping import evaluate_loss
+
+        loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.env.world_size)
+        self.metrics.write({"step": self.step, "epoch": self.loader.epoch, "eval_loss": loss})
+        if self.is_main:
+            tqdm.write(f"step {self.step} eval loss {loss:.4f}")
+        return loss
+
+    def save(self, data_state: dict) -> None:
+        meta = {
+            "epoch": data_state.get("epoch", self.loader.epoch), "data_state": data_state,
+            "world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
+            "config": self.cfg.to_dict(), "total_steps": self.total_steps,
+        }
+        path = ckpt.save_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
+        self.saved_step = self.step
+        if self.audit is not None:
+            self.audit.flush()
+        if self.is_main:
+            tqdm.write(f"checkpoint {path}")
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB (Linux)
+    except ImportError:
+        return 0.0
+
+
+def run(cfg: Config) -> int:
+    """Set everything up and train; returns the exit code."""
+    env = init_distributed()
+    validate_config(cfg)
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    built = build(cfg)
+    counts = apply_trainable_policy(built.model, cfg.train.trainable, cfg.train.trainable_patterns)
+    device = device_for_rank(env.local_rank, cfg.train.device)
+    args = (cfg, built.tokenizer, built.image_config, built.image_token_id, built.model.config.image_token_len,
+            env.world_size, env.rank)
+    loader = build_train_loader(*args, pin_memory=device.type == "cuda")
+    eval_loader = build_eval_loader(*args) if cfg.data.eval_shards else None
+    resume = ckpt.resolve_resume(out_dir, cfg.train.resume)
+    meta = ckpt.read_meta(resume) if resume else None
+    universal = meta is not None and meta["world_size"] != env.world_size
+    steps_per_epoch = loader.micro_batches_per_epoch // cfg.train.accumulation_steps
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"the training data gives {loader.micro_batches_per_epoch} micro-batches per rank per epoch: fewer "
+            f"than one optimizer step (batch_size {cfg.train.batch_size} x accumulation_steps "
+            f"{cfg.train.accumulation_steps} x world size {env.world_size}); use smaller batches or more data"
+        )
+    total = min(steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 10**18)
+    ds_config = build_ds_config(cfg.train, env.world_size, total, device.type == "cpu",
+                                str(out_dir / "logs") if env.rank == 0 else None)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = build_engine(built.model, ds_config)
+    start = {}
+    if resume is not None:
+        meta = ckpt.load_checkpoint(engine, resume, load_universal=universal)
+        loader.load_state_dict(meta["data_state"])
+        start = {"step": meta["step"]}
+        if cfg.data.log_samples and env.rank == 0:
+            from vlm.train.audit import truncate_audit
+
+            truncate_audit(out_dir, meta["data_state"])
+    else:
+        loader.set_epoch(0)
+    if env.rank == 0:
+        _print_header(cfg, env, counts, loader, resume, total)
+    import deepspeed.comm as dist
+
+    dist.barrier()
+    return Trainer(cfg, built, engine, loader, eval_loader, env, device, start).fit()
+
+
+def _print_header(cfg: Config, env, counts: dict, loader, resume, total: int) -> None:
+    lines = {
+        "launcher": env.launcher, "world size": env.world_size, "stage": cfg.train.stage,
+        "parameters": f"{counts['total']:,} total, {counts['trainable']:,} trainable ({cfg.train.trainable})",
+        "micro-batches per rank per epoch": loader.micro_batches_per_epoch,
+        "dropped per epoch (tail < one global batch)": loader.dropped_per_epoch,
+        "optimizer steps": total, "resume from": str(resume) if resume else "start",
+    }
+    tqdm.write(json.dumps(lines, indent=1))
+
+
+__all__ = ["run", "Trainer", "TrainingError", "MODEL_INPUTS"]
