@@ -1,0 +1,193 @@
+"""The loaders end to end: real shards through a real DataLoader, resume, resampled streams, mixing, eval."""
+
+import json
+import pickle
+from collections import Counter
+
+import pytest
+import torch
+
+from tests.data.shard_fixtures import (
+    IMAGE_TOKEN_ID,
+    IMAGE_TOKEN_LEN,
+    MAX_SEQ_LEN,
+    SMALL_IMAGES,
+    all_keys,
+    members,
+    write_shards,
+)
+from vlm.data import plan
+from vlm.data.pipeline import EvalLoader, TrainLoader
+from vlm.data.reader import ShardReader
+from vlm.data.sources import SourceError
+from vlm.tokenizer import load_tokenizer
+
+UNEVEN = [9, 2, 14]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("uneven"), UNEVEN)
+
+
+def make(sources, tokenizer, **kw):
+    args = dict(image_token_id=IMAGE_TOKEN_ID, image_token_len=IMAGE_TOKEN_LEN, max_seq_len=MAX_SEQ_LEN,
+                batch_size=2, num_workers=0, seed=5, chunk_size=4)
+    args.update(kw)
+    return TrainLoader([str(s) for s in sources], tokenizer, SMALL_IMAGES, **args)
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+def test_two_workers_through_a_real_dataloader(uneven, tokenizer):
+    loader = make([uneven], tokenizer, num_workers=2, batch_size=3)
+    assert loader.micro_batches_per_epoch == len(loader) == 8 and loader.dropped_per_epoch == 1
+    batches = list(loader)
+    assert [b["micro_step"] for b in batches] == list(range(8))
+    for b in batches:
+        rows, width = b["input_ids"].shape
+        assert b["num_samples"] == rows == len(b["keys"]) == 3 and width % 8 == 0 and width <= MAX_SEQ_LEN
+        assert b["labels"].shape == b["attention_mask"].shape == (rows, width)
+        assert b["pixel_values"].shape[2:] == (3, 16, 16) and b["image_mask"].shape == b["pixel_values"].shape[:2]
+        assert b["epoch"] == 0 and b["stats"] == {"seen": 3, "bad": 0, "bad_by_reason": {}}
+        # every image-token run in the ids has a real image behind it
+        assert int((b["input_ids"] == IMAGE_TOKEN_ID).sum()) == IMAGE_TOKEN_LEN * int(b["image_mask"].sum())
+    keys = keys_of(batches)
+    assert len(set(keys)) == 24 and set(keys) <= all_keys("c", 25)
+    # The keys are exactly what the pure plan says, in the same order.
+    order = plan.epoch_order(plan.epoch_runs([UNEVEN], [1.0], 5, 0), 4, 5, 0)
+    reader = ShardReader(loader.sources.shards)
+    expected = [reader.key(int(i)) for step in range(8)
+                for i in order[slice(*plan.batch_range(25, loader.geometry, 0, step))]]
+    assert keys == expected
+
+
+def test_in_process_and_worker_batches_are_identical(uneven, tokenizer):
+    a = list(make([uneven], tokenizer, num_workers=0, batch_size=3))
+    b = list(make([uneven], tokenizer, num_workers=2, batch_size=3))
+    assert keys_of(a) != keys_of(b)  # another worker count deals the samples differently...
+    assert set(keys_of(a)) == set(keys_of(b)) and len(a) == len(b)
+    c = list(make([uneven], tokenizer, num_workers=2, batch_size=3))
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["pixel_values"], y["pixel_values"])
+               for x, y in zip(b, c))  # ...but the same geometry gives the same batches, tensors included
+
+
+def test_two_ranks_two_workers_exactly_once_and_epochs_differ(uneven, tokenizer):
+    ranks = [make([uneven], tokenizer, world_size=2, rank=r, num_workers=2, batch_size=2) for r in range(2)]
+    epoch_keys = []
+    for epoch in range(2):
+        per_rank = []
+        for loader in ranks:
+            loader.set_epoch(epoch)
+            per_rank.append(keys_of(list(loader)))
+        assert len(per_rank[0]) == len(per_rank[1]) == 12  # 25 // 4 = 6 micro-batches of 2 on each rank
+        assert len(set(per_rank[0] + per_rank[1])) == 24
+        epoch_keys.append(per_rank[0] + per_rank[1])
+    assert epoch_keys[0] != epoch_keys[1]
+
+
+def test_resume_same_geometry_continues_identically_and_resize_repeats_nothing(uneven, tokenizer):
+    full = list(make([uneven], tokenizer, num_workers=2))
+    first = make([uneven], tokenizer, num_workers=2)
+    taken = []
+    for batch in first:
+        taken.append(batch)
+        if len(taken) == 5:
+            break  # the DataLoader had prefetched more; they must not count
+    state = json.loads(json.dumps(first.state_dict(taken[-1]["micro_step"] + 1)))
+    same = make([uneven], tokenizer, num_workers=2)
+    same.load_state_dict(state)
+    rest = list(same)
+    assert same.start_step == 5 and [b["micro_step"] for b in rest] == list(range(5, 12))
+    assert keys_of(taken + rest) == keys_of(full)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(rest, full[5:]))
+
+    resized = make([uneven], tokenizer, num_workers=0, batch_size=3)  # other worker count and batch size
+    resized.load_state_dict(state)
+    assert resized.segment_start == resized.start_step == 5 and same.segment_start == 0
+    more = list(resized)
+    counts = Counter(keys_of(taken + more))
+    assert max(counts.values()) == 1 and 25 - len(counts) == resized.dropped_this_epoch < 3
+
+
+def test_resampled_mode_over_a_brace_pattern_without_manifest(uneven, tokenizer):
+    pattern = str(uneven / "c-{000000..000002}.tar")
+    with pytest.raises(SourceError, match="data.samples_per_epoch"):
+        make([pattern], tokenizer)
+    loader = make([pattern], tokenizer, samples_per_epoch=20, batch_size=4, num_workers=2)
+    assert loader.mode == "resampled" and loader.micro_batches_per_epoch == 5
+    first = list(loader)
+    assert [b["num_samples"] for b in first] == [4] * 5
+    assert set(keys_of(first)) <= all_keys("c", 25)
+    loader.set_epoch(1)
+    assert keys_of(list(loader)) != keys_of(first)
+    state = loader.state_dict(2)
+    resumed = make([pattern], tokenizer, samples_per_epoch=20, batch_size=4, num_workers=2)
+    resumed.load_state_dict(state)
+    assert [b["micro_step"] for b in resumed] == [2, 3, 4]
+    piped = make([f"pipe:cat {pattern}"], tokenizer, samples_per_epoch=6, batch_size=3)
+    assert [b["num_samples"] for b in piped] == [3, 3]
+    with pytest.raises(SourceError, match="samples_per_epoch is only for"):
+        make([uneven], tokenizer, samples_per_epoch=20)
+
+
+def test_mixing_weights_per_epoch(tmp_path, tokenizer):
+    a = write_shards(tmp_path / "a", [6, 4], prefix="a")
+    b = write_shards(tmp_path / "b", [8], prefix="b")
+    loader = make([a, b], tokenizer, weights=[2, 0.5], batch_size=2)
+    assert loader.num_samples == 24 and loader.dropped_per_epoch == 0
+    halves = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        counts = Counter(keys_of(list(loader)))
+        assert all(counts[k] == 2 for k in all_keys("a", 10))
+        half = {k for k in counts if k.startswith("b")}
+        assert len(half) == 4 and all(counts[k] == 1 for k in half)
+        halves.append(half)
+    assert halves[0] != halves[1]
+
+
+def test_batching_modes_keep_sample_counts(uneven, tokenizer):
+    dynamic = next(iter(make([uneven], tokenizer, batch_size=4)))
+    packed = next(iter(make([uneven], tokenizer, batch_size=4, batching="pack")))
+    naive = next(iter(make([uneven], tokenizer, batch_size=4, batching="max_len")))
+    assert dynamic["keys"] == naive["keys"] and sorted(packed["keys"]) == sorted(dynamic["keys"])
+    assert packed["num_samples"] == 4 and packed["input_ids"].shape[0] < 4
+    assert packed["num_label_tokens"] == dynamic["num_label_tokens"] == naive["num_label_tokens"]
+    assert naive["input_ids"].shape == (4, MAX_SEQ_LEN) and dynamic["input_ids"].shape[1] < MAX_SEQ_LEN
+
+
+def test_a_batch_of_only_bad_samples_is_empty_but_still_delivered(tmp_path, tokenizer):
+    broken = {i: {**members(i), "0.jpg": b"garbage"} for i in range(4)}
+    folder = write_shards(tmp_path / "s", [8], special=broken, images_of=lambda i: 1)
+    batches = list(make([folder], tokenizer, batch_size=4, chunk_size=100, max_bad_fraction=0.6, min_seen=1))
+    assert len(batches) == 2
+    empty = [b for b in batches if b["num_samples"] == 0]
+    assert len(empty) <= 1 and sum(b["num_samples"] for b in batches) == 4
+    if empty:
+        assert empty[0]["input_ids"].shape == (0, 0) and empty[0]["keys"] == [] and len(empty[0]["skipped"]) == 4
+
+
+def test_eval_loader_every_sample_once_disjoint_ranks_equal_lengths(uneven, tokenizer):
+    loaders = [EvalLoader([str(uneven)], tokenizer, SMALL_IMAGES, IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN, MAX_SEQ_LEN,
+                          batch_size=4, world_size=3, rank=r, num_workers=2) for r in range(3)]
+    assert {len(loader) for loader in loaders} == {3}  # ceil(ceil(25 / 3) / 4)
+    per_rank = [keys_of(list(loader)) for loader in loaders]
+    flat = [k for keys in per_rank for k in keys]
+    assert sorted(flat) == sorted(all_keys("c", 25)) and flat == sorted(flat)  # in order, each once
+
+
+def test_dataset_is_picklable_and_state_is_checked(uneven, tokenizer):
+    loader = make([uneven], tokenizer, num_workers=2)
+    clone = pickle.loads(pickle.dumps(loader.dataset()))
+    assert next(iter(clone))["keys"] == next(iter(loader))["keys"]
+    other = make([uneven], tokenizer, chunk_size=8)
+    with pytest.raises(plan.PositionError, match="data.chunk_size"):
+        other.load_state_dict(loader.state_dict(0))

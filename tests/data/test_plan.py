@@ -1,0 +1,190 @@
+"""The epoch plan and the data position, without any I/O: balance, exactly-once, resume and resize."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from vlm.data.plan import (
+    Geometry,
+    PositionError,
+    batch_range,
+    consumed_before,
+    current_plan,
+    dropped_samples,
+    epoch_micro_batches,
+    epoch_order,
+    epoch_runs,
+    epoch_size,
+    loader_slot,
+    micro_batches,
+    new_position,
+    remaining_positions,
+    resume,
+    slot_schedule,
+    with_consumed,
+)
+
+UNEVEN = [37, 5, 61]  # one source, three deliberately uneven shards
+
+
+def order_for(seed=3, epoch=0, counts=UNEVEN, chunk_size=8):
+    return epoch_order(epoch_runs([counts], [1.0], seed, epoch), chunk_size, seed, epoch)
+
+
+def rank_stream(position, rank, limit=None):
+    """What rank's DataLoader yields: its workers asked in turn from worker 0, an exhausted worker skipped."""
+    n, geometry, consumed = current_plan(position)
+    remaining = remaining_positions(position)
+    workers = [slot_schedule(position, rank, loader_slot(position, w)) for w in range(geometry.slots)]
+    batches, active = [], list(range(geometry.slots))
+    while active:
+        for w in list(active):
+            item = next(workers[w], None)
+            if item is None:
+                active.remove(w)
+            else:
+                batches.append((item[0], remaining[item[1] : item[2]]))
+    first = consumed_before(position) + consumed
+    # The round-robin must give consecutive micro-steps, no gap and no reordering, also after a resume.
+    assert [step for step, _ in batches] == list(range(first, first + micro_batches(n, geometry) - consumed))
+    return batches[:limit] if limit is not None else batches
+
+
+def train(position, steps=None):
+    """Consume `steps` micro-batches (all if None) on every rank; returns (new position, positions used per rank)."""
+    world = position["segments"][-1]["world_size"]
+    per_rank = [rank_stream(position, r, steps) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1, "ranks must run the same number of micro-batches"
+    used = [np.concatenate([p for _, p in batches]) if batches else np.zeros(0, int) for batches in per_rank]
+    done = consumed_before(position) + position["segments"][-1]["micro_batches_consumed"] + len(per_rank[0])
+    return with_consumed(position, done), used
+
+
+def test_two_ranks_two_workers_uneven_shards_exactly_once_and_balanced():
+    order = order_for()
+    n = len(order)
+    g = Geometry(world_size=2, workers=2, batch_size=3, accumulation=2)
+    position = new_position(3, 0, n, g)
+    m = micro_batches(n, g)
+    assert m == 16 and m % g.accumulation == 0  # 103 // 6 = 17, rounded down to a multiple of 2
+    end, used = train(position)
+    ids = order[np.concatenate(used)]
+    assert all(len(u) == m * g.batch_size for u in used)
+    assert len(set(ids.tolist())) == len(ids)  # nothing twice, across ranks and workers
+    assert dropped_samples(position) == n - len(ids) < g.global_batch
+    assert epoch_micro_batches(end) == m
+
+
+def test_slots_are_contiguous_pieces_dealt_rank_major():
+    g = Geometry(world_size=2, workers=3, batch_size=2)
+    n = 2 * 2 * 7 + 3  # M = 7: workers yield 3, 2, 2 batches
+    starts = [batch_range(n, g, rank, step)[0] for rank in range(2) for step in range(7)]
+    # rank 0: worker 0 takes positions 0..5 (steps 0, 3, 6), worker 1 6..9 (steps 1, 4), worker 2 10..13
+    assert starts[:7] == [0, 6, 10, 2, 8, 12, 4]
+    assert starts[7:] == [s + 14 for s in starts[:7]]
+
+
+def test_order_is_deterministic_per_seed_and_epoch_and_differs_between_epochs():
+    shard_of = np.repeat([0, 1, 2], UNEVEN)
+    e0, e0_again, e1 = order_for(epoch=0), order_for(epoch=0), order_for(epoch=1)
+    assert np.array_equal(e0, e0_again)
+    assert not np.array_equal(e0, e1)
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(sum(UNEVEN)))
+
+    def shard_sequence(order):
+        return [shard_of[i] for k, i in enumerate(order) if k == 0 or shard_of[order[k - 1]] != shard_of[i]]
+
+    orders = [order_for(epoch=e) for e in range(4)]
+    assert len({tuple(shard_sequence(o)) for o in orders}) > 1  # shard (chunk) order changes
+    assert not np.array_equal(order_for(seed=4), e0)
+
+
+def test_chunks_stay_together_and_are_shuffled_inside():
+    order = order_for(chunk_size=8)
+    chunk_of = np.concatenate([np.arange(c) // 8 + 100 * s for s, c in enumerate(UNEVEN)])
+    pieces: list[list[int]] = []
+    for i in order.tolist():
+        if not pieces or chunk_of[pieces[-1][-1]] != chunk_of[i]:
+            pieces.append([])
+        pieces[-1].append(i)
+    assert len(pieces) == len(set(chunk_of.tolist())), "every chunk must be read in one piece"
+    assert any(p != sorted(p) for p in pieces), "samples inside chunks must be shuffled"
+
+
+def test_resume_with_same_geometry_continues_identically():
+    order = order_for()
+    g = Geometry(world_size=2, workers=3, batch_size=3, accumulation=2)
+    position = new_position(3, 0, len(order), g)
+    uninterrupted = [rank_stream(position, r) for r in range(2)]
+    # 4 consumed: the next batch is worker 1's, yet a new DataLoader asks its worker 0 first.
+    saved = json.loads(json.dumps(with_consumed(position, 4)))  # checkpoints are JSON
+    restored = resume(saved, g, seed=3, num_samples=len(order))
+    for rank in range(2):
+        tail = rank_stream(restored, rank)
+        assert [s for s, _ in tail] == [s for s, _ in uninterrupted[rank][4:]]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(tail, uninterrupted[rank][4:]))
+
+
+@pytest.mark.parametrize("plans", [
+    [(2, 2, 3, 1, 5), (1, 2, 3, 1, None)],   # 2 ranks -> 1
+    [(2, 2, 3, 1, 5), (3, 2, 3, 1, None)],   # 2 ranks -> 3
+    [(2, 2, 3, 1, 5), (2, 0, 3, 1, None)],   # 2 workers -> in-process
+    [(2, 2, 3, 2, 4), (2, 2, 4, 1, None)],   # micro-batch size and accumulation change
+    [(2, 2, 3, 1, 3), (3, 1, 2, 1, 7), (1, 3, 5, 1, None)],  # two resizes in one epoch
+    [(2, 2, 3, 1, 0), (3, 2, 3, 1, None)],   # resized before the first step
+])
+def test_resize_mid_epoch_loses_and_repeats_nothing(plans):
+    order = order_for()
+    n = len(order)
+    position = new_position(3, 0, n, Geometry(*plans[0][:4]))
+    used = []
+    for world, workers, batch, accumulation, steps in plans:
+        position = resume(json.loads(json.dumps(position)), Geometry(world, workers, batch, accumulation), 3, n)
+        position, rank_used = train(position, steps)
+        used.extend(rank_used)
+    ids = order[np.concatenate(used)]
+    counts = Counter(ids.tolist())
+    assert max(counts.values()) == 1
+    last = Geometry(*plans[-1][:4])
+    assert n - len(ids) == dropped_samples(position) < last.world_size * last.batch_size * last.accumulation
+
+
+def test_epoch_length_is_the_same_every_epoch_and_for_every_rank():
+    g = Geometry(world_size=3, workers=2, batch_size=4, accumulation=1)
+    for epoch in range(3):
+        n = epoch_size([UNEVEN], [1.0])
+        position = new_position(0, epoch, n, g)
+        assert {len(rank_stream(position, r)) for r in range(3)} == {micro_batches(n, g)}
+
+
+def test_mixing_weights_whole_copies_and_fresh_fractions():
+    counts = [[10, 7], [4, 4, 4]]
+    runs0 = epoch_runs(counts, [2.0, 0.5], seed=1, epoch=0)
+    runs1 = epoch_runs(counts, [2.0, 0.5], seed=1, epoch=1)
+    ids0, ids1 = np.concatenate(runs0), np.concatenate(runs1)
+    assert len(ids0) == len(ids1) == epoch_size(counts, [2.0, 0.5]) == 34 + 6
+    c0 = Counter(ids0.tolist())
+    assert all(c0[i] == 2 for i in range(17))  # weight 2: each sample of source 0 twice
+    half0 = sorted(i for i in c0 if i >= 17)
+    half1 = sorted(i for i in Counter(ids1.tolist()) if i >= 17)
+    assert len(half0) == 6 and all(c0[i] == 1 for i in half0)
+    assert half0 != half1  # a fresh random half each epoch
+    assert all(np.all(np.diff(r) > 0) for r in runs0)  # shard order inside each run, for sequential reads
+    # Runs never cross a shard boundary, so chunks stay within one tar.
+    bounds = [0, 10, 17, 21, 25, 29]
+    assert all(np.searchsorted(bounds, r[0], "right") == np.searchsorted(bounds, r[-1], "right") for r in runs0)
+
+
+def test_position_errors_name_what_differs():
+    g = Geometry(2, 2, 3)
+    position = new_position(3, 0, 100, g)
+    with pytest.raises(PositionError, match="train.seed"):
+        resume(position, g, seed=4, num_samples=100)
+    with pytest.raises(PositionError, match="data.train_shards"):
+        resume(position, g, seed=3, num_samples=99)
+    with pytest.raises(PositionError, match="micro-batches consumed"):
+        with_consumed(position, micro_batches(100, g) + 1)
+    with pytest.raises(PositionError, match="format"):
+        resume({"epoch": 0}, g, seed=3, num_samples=100)

@@ -1,0 +1,292 @@
+"""Epoch plan and loader position: which samples each (rank, worker) slot reads, as pure functions (no I/O).
+
+    from vlm.data.plan import Geometry, epoch_order, new_position, slot_schedule
+    order = epoch_order(runs, chunk_size=64, seed=42, epoch=0)        # S: sample ids in epoch order
+    position = new_position(seed=42, epoch=0, num_samples=len(order), geometry=Geometry(2, 2, 16, 4))
+    for micro_step, start, stop in slot_schedule(position, rank=1, worker=0):
+        ids = order[remaining_positions(position)[start:stop]]           # the B samples of that micro-batch
+
+Notation: N samples in the epoch, W data-parallel ranks, K DataLoader workers per rank (K=0 runs in the
+main process and counts as one slot), B samples per micro-batch, A gradient-accumulation steps.
+
+Epoch order S. Every run of consecutive samples (one shard, or the part of it chosen this epoch) is cut into
+chunks of `chunk_size`; the chunks are permuted, and the samples inside each chunk permuted, by one RNG
+seeded with (seed, epoch). Same (seed, epoch) -> same S; another epoch -> another shard and sample order,
+while reads stay within a few chunks at a time.
+
+Segment plan. From a list R of positions in S still to be used (all of S at the start of an epoch):
+M = floor(|R| / (W*B)) micro-batches per rank, rounded down to a multiple of A, the same on every rank
+and computed from counts alone. Rank r's DataLoader takes micro-batch i from worker i % K (torch's
+round-robin over an IterableDataset), so worker k yields M_k = ceil((M - k) / K) batches (after a resume
+at micro-batch c, DataLoader worker w plays slot (w + c) % K, see `loader_slot`). R is dealt in
+contiguous pieces: slot (r, k), in r-major k-minor order, gets the next M_k * B positions. The rest of R
+(fewer than W*B*A) is the dropped tail, reported by the loader.
+
+Position. A JSON-able dict {format, seed, epoch, num_samples, segments: [{world_size, workers, batch_size,
+accumulation, micro_batches_consumed}]}. Restored with the geometry of its last segment, each worker skips
+exactly the batches it had delivered, without reading them, and the stream continues identically.
+Restored with another geometry, the consumed positions are those of the consumed micro-batches (batch i of
+a segment came from worker i % K), and the remaining positions, in S order (the old tail included), are
+planned again as a new segment. Several resizes in one epoch stack segments. No position is used twice or
+lost; only the last segment's tail is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+POSITION_FORMAT = "vlm-data-position/1"
+
+
+class PositionError(ValueError):
+    """A saved data position that does not fit this data or this run; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an epoch is split: ranks, DataLoader workers per rank, micro-batch size, accumulation steps."""
+
+    world_size: int
+    workers: int
+    batch_size: int
+    accumulation: int = 1
+
+    def __post_init__(self):
+        if self.world_size < 1 or self.workers < 0 or self.batch_size < 1 or self.accumulation < 1:
+            raise ValueError(f"invalid data geometry {self}: world_size, batch_size and accumulation must be "
+                             ">= 1 and workers >= 0")
+
+    @property
+    def slots(self) -> int:
+        """Producers per rank: workers, or 1 when batches are made in the main process (workers=0)."""
+        return max(1, self.workers)
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accumulation
+
+
+def micro_batches(num_positions: int, geometry: Geometry) -> int:
+    """M: micro-batches per rank for `num_positions` samples, a multiple of the accumulation steps."""
+    per_rank = num_positions // (geometry.world_size * geometry.batch_size)
+    return per_rank - per_rank % geometry.accumulation
+
+
+def worker_batches(total: int, slots: int, worker: int) -> int:
+    """How many of micro-batches 0..total-1 come from `worker` under round-robin: ceil((total - worker) / slots)."""
+    return max(0, -(-(total - worker) // slots))
+
+
+def slot_range(num_positions: int, geometry: Geometry, rank: int, worker: int) -> tuple[int, int]:
+    """[start, stop) of slot (rank, worker) in the segment's list of remaining positions."""
+    if not (0 <= rank < geometry.world_size and 0 <= worker < geometry.slots):
+        raise ValueError(f"slot (rank {rank}, worker {worker}) is outside {geometry}")
+    m = micro_batches(num_positions, geometry)
+    start = rank * m + sum(worker_batches(m, geometry.slots, k) for k in range(worker))
+    return start * geometry.batch_size, (start + worker_batches(m, geometry.slots, worker)) * geometry.batch_size
+
+
+def batch_range(num_positions: int, geometry: Geometry, rank: int, step: int) -> tuple[int, int]:
+    """[start, stop) of micro-batch `step` (0-based, in the order rank's loader yields them)."""
+    worker, local = step % geometry.slots, step // geometry.slots
+    start, stop = slot_range(num_positions, geometry, rank, worker)
+    begin = start + local * geometry.batch_size
+    if begin >= stop:
+        raise ValueError(f"micro-batch {step} is beyond the {micro_batches(num_positions, geometry)} of this plan")
+    return begin, begin + geometry.batch_size
+
+
+def consumed_mask(num_positions: int, geometry: Geometry, consumed: int) -> np.ndarray:
+    """Bool (num_positions,): the positions used by micro-batches 0..consumed-1 on every rank."""
+    m = micro_batches(num_positions, geometry)
+    if not 0 <= consumed <= m:
+        raise PositionError(f"{consumed} micro-batches consumed, but this plan has only {m} per rank")
+    mask = np.zeros(num_positions, dtype=bool)
+    for rank in range(geometry.world_size):
+        for worker in range(geometry.slots):
+            start, _ = slot_range(num_positions, geometry, rank, worker)
+            done = worker_batches(consumed, geometry.slots, worker) * geometry.batch_size
+            mask[start : start + done] = True
+    return mask
+
+
+def epoch_order(runs: Sequence[np.ndarray], chunk_size: int, seed: int, epoch: int) -> np.ndarray:
+    """S: the ids of `runs` (arrays of consecutive sample ids) chunked, chunks and chunk contents shuffled."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    runs = [np.asarray(r, dtype=np.int64) for r in runs if len(r)]
+    if not runs:
+        return np.zeros(0, dtype=np.int64)
+    flat = np.concatenate(runs)
+    # Chunk id of every element: chunks restart at each run's start, so no chunk spans two shards.
+    chunk = np.concatenate([np.arange(len(r)) // chunk_size for r in runs])
+    first_chunk = np.cumsum([0] + [-(-len(r) // chunk_size) for r in runs[:-1]])
+    chunk += np.repeat(first_chunk, [len(r) for r in runs])
+    rng = np.random.default_rng([seed, epoch])
+    chunk_rank = np.empty(int(chunk[-1]) + 1, dtype=np.int64)
+    chunk_rank[rng.permutation(len(chunk_rank))] = np.arange(len(chunk_rank))
+    # Sort by (new chunk position, random key): a chunk permutation plus a permutation inside every chunk.
+    order = np.lexsort((rng.random(len(flat)), chunk_rank[chunk]))
+    return flat[order]
+
+
+def epoch_runs(shard_counts: Sequence[Sequence[int]], weights: Sequence[float], seed: int, epoch: int
+               ) -> list[np.ndarray]:
+    """This epoch's runs of global sample ids for mixed sources.
+
+    `shard_counts[s]` lists source s's shard sizes; ids are numbered across all shards in that order.
+    Source s contributes floor(weights[s] * its samples) samples: whole copies of every shard, plus a
+    fresh random subset (seeded by seed, epoch, s) of the fractional part, kept in shard order.
+    """
+    if len(shard_counts) != len(weights):
+        raise ValueError(f"{len(weights)} weights for {len(shard_counts)} sources")
+    runs: list[np.ndarray] = []
+    base = 0
+    for s, (counts, weight) in enumerate(zip(shard_counts, weights)):
+        if not weight > 0:
+            raise ValueError(f"mixing weight {weight} of source {s} must be > 0")
+        total = sum(counts)
+        bounds = base + np.cumsum([0, *counts])
+        shards = [np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(len(counts))]
+        wanted = int(weight * total + 1e-9)
+        copies, extra = divmod(wanted, total) if total else (0, 0)
+        for _ in range(copies):
+            runs.extend(shards)
+        if extra:
+            rng = np.random.default_rng([seed, epoch, s, 1])
+            chosen = np.sort(rng.choice(total, size=extra, replace=False)) + base
+            cut = np.searchsorted(chosen, bounds[1:-1])
+            runs.extend(np.split(chosen, cut))
+        base += total
+    return [r for r in runs if len(r)]
+
+
+def epoch_size(shard_counts: Sequence[Sequence[int]], weights: Sequence[float]) -> int:
+    """N, the samples per epoch `epoch_runs` gives (the same every epoch)."""
+    return sum(int(w * sum(c) + 1e-9) for c, w in zip(shard_counts, weights))
+
+
+def new_position(seed: int, epoch: int, num_samples: int, geometry: Geometry) -> dict:
+    """The position at the start of `epoch`: one segment, nothing consumed."""
+    return {"format": POSITION_FORMAT, "seed": int(seed), "epoch": int(epoch), "num_samples": int(num_samples),
+            "segments": [_segment(geometry, 0)]}
+
+
+def _segment(geometry: Geometry, consumed: int) -> dict:
+    return {**asdict(geometry), "micro_batches_consumed": int(consumed)}
+
+
+def segment_geometry(segment: dict) -> Geometry:
+    return Geometry(segment["world_size"], segment["workers"], segment["batch_size"], segment["accumulation"])
+
+
+def remaining_positions(position: dict) -> np.ndarray:
+    """Positions in S (ascending) that the last segment plans: all of S minus what earlier segments used."""
+    remaining = np.arange(position["num_samples"], dtype=np.int64)
+    for segment in position["segments"][:-1]:
+        used = consumed_mask(len(remaining), segment_geometry(segment), segment["micro_batches_consumed"])
+        remaining = remaining[~used]
+    return remaining
+
+
+def consumed_before(position: dict) -> int:
+    """Micro-batches of this epoch consumed in earlier segments (the micro_step the last segment starts at)."""
+    return sum(s["micro_batches_consumed"] for s in position["segments"][:-1])
+
+
+def current_plan(position: dict) -> tuple[int, Geometry, int]:
+    """(positions planned by the last segment, its geometry, micro-batches it has delivered)."""
+    last = position["segments"][-1]
+    return len(remaining_positions(position)), segment_geometry(last), last["micro_batches_consumed"]
+
+
+def epoch_micro_batches(position: dict) -> int:
+    """Micro-batches per rank in this epoch as planned now (earlier segments' consumed + the last plan)."""
+    n, geometry, _ = current_plan(position)
+    return consumed_before(position) + micro_batches(n, geometry)
+
+
+def dropped_samples(position: dict) -> int:
+    """Samples of this epoch that no micro-batch will use (the last segment's tail, < one global batch)."""
+    n, geometry, _ = current_plan(position)
+    return n - geometry.world_size * geometry.batch_size * micro_batches(n, geometry)
+
+
+def with_consumed(position: dict, micro_batches_consumed: int) -> dict:
+    """A copy of `position` after `micro_batches_consumed` micro-batches of the epoch (counted from its start)."""
+    in_last = micro_batches_consumed - consumed_before(position)
+    n, geometry, _ = current_plan(position)
+    if not 0 <= in_last <= micro_batches(n, geometry):
+        raise PositionError(
+            f"{micro_batches_consumed} micro-batches consumed in epoch {position['epoch']}, but this position "
+            f"covers {consumed_before(position)} to {epoch_micro_batches(position)}")
+    segments = [dict(s) for s in position["segments"]]
+    segments[-1]["micro_batches_consumed"] = in_last
+    return {**position, "segments": segments}
+
+
+def resume(position: dict, geometry: Geometry, seed: int, num_samples: int) -> dict:
+    """`position` restored for a run with `geometry`: unchanged if it is the last segment's, else re-planned."""
+    position = check_position(position)
+    if position["seed"] != seed:
+        raise PositionError(f"the data position was saved with seed {position['seed']}, this run uses {seed}; "
+                            "set train.seed back to resume the epoch without repeating samples")
+    if position["num_samples"] != num_samples:
+        raise PositionError(f"the data position is for {position['num_samples']} samples per epoch, the training "
+                            f"sources now give {num_samples}; resume with the same data.train_shards and weights")
+    last = position["segments"][-1]
+    if segment_geometry(last) == geometry:
+        return position
+    segments = [dict(s) for s in position["segments"]]
+    if last["micro_batches_consumed"] == 0:
+        segments.pop()  # nothing was taken from that plan: replace it rather than stack an empty segment
+    return {**position, "segments": [*segments, _segment(geometry, 0)]}
+
+
+def check_position(position: dict) -> dict:
+    """Validate the structure of a saved position; returns it. Raises PositionError naming the problem."""
+    if not isinstance(position, dict) or position.get("format") != POSITION_FORMAT:
+        got = position.get("format") if isinstance(position, dict) else type(position).__name__
+        raise PositionError(f"not a data position of format {POSITION_FORMAT!r} (got {got!r})")
+    missing = [k for k in ("seed", "epoch", "num_samples", "segments") if k not in position]
+    if missing or not position["segments"]:
+        raise PositionError(f"data position lacks {missing or ['segments']}")
+    for segment in position["segments"]:
+        try:
+            segment_geometry(segment)
+        except (KeyError, TypeError, ValueError) as err:
+            raise PositionError(f"bad segment {segment} in the data position: {err!r}") from err
+    n = position["num_samples"]
+    for segment in position["segments"]:
+        geometry = segment_geometry(segment)
+        if not 0 <= segment["micro_batches_consumed"] <= micro_batches(n, geometry):
+            raise PositionError(f"segment {segment} consumed more micro-batches than it had")
+        n -= geometry.world_size * geometry.batch_size * segment["micro_batches_consumed"]
+    return position
+
+
+def loader_slot(position: dict, loader_worker: int) -> int:
+    """The slot DataLoader worker `loader_worker` must play so that round-robin resumes at the right batch.
+
+    A DataLoader always asks its worker 0 first; after c micro-batches of the segment, batch c belongs to
+    slot c % K, so DataLoader worker w plays slot (w + c) % K.
+    """
+    _, geometry, consumed = current_plan(position)
+    return (loader_worker + consumed) % geometry.slots
+
+
+def slot_schedule(position: dict, rank: int, worker: int) -> Iterator[tuple[int, int, int]]:
+    """(micro_step, start, stop) for each micro-batch slot (rank, worker) still has to deliver.
+
+    start:stop index `remaining_positions(position)`; micro_step counts from the start of the epoch.
+    Batches the slot delivered before the position was saved are skipped without being produced.
+    """
+    n, geometry, consumed = current_plan(position)
+    base, slots = consumed_before(position), geometry.slots
+    start, stop = slot_range(n, geometry, rank, worker)
+    for local in range(worker_batches(consumed, slots, worker), (stop - start) // geometry.batch_size):
+        begin = start + local * geometry.batch_size
+        yield base + local * slots + worker, begin, begin + geometry.batch_size

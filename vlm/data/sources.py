@@ -1,0 +1,178 @@
+"""Training sources: shard folders with a manifest, or tar streams webdataset can open, mixed with weights.
+
+    from vlm.data.sources import resolve_sources
+    sources = resolve_sources(["data/shards/pretrain", "data/shards/sft"], weights=[1.0, 0.5])
+    sources.exact           # True: every source has a manifest; the epoch is planned sample by sample
+
+A source string is one of:
+- a folder holding `manifest.json` (made by `python -m data_tools.shard`): sample counts and byte offsets
+  are known, so epochs are planned exactly (every sample once, seekable reads; see `vlm.data.plan`);
+- a brace pattern or path of local tar files (`data/shards/x/x-{000000..000009}.tar`), an `http(s)://`
+  URL (pattern) or a `pipe:` command, as webdataset understands them: no counts are known, so the run uses
+  the resampled mode (see `vlm.data.pipeline`): shards drawn at random, `data.samples_per_epoch` required.
+
+Weights. With manifests, a source's weight multiplies its samples per epoch: 1 = each sample once,
+0.5 = a fresh random half each epoch, 2 = every sample twice; the mixed epoch is then chunk-shuffled as one.
+In the resampled mode a shard of a source with weight w is drawn w times as often as one of weight 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from webdataset.shardlists import expand_urls
+
+from data_tools.manifest import MANIFEST_NAME, ManifestError, load_manifest
+
+_STREAM_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
+
+
+class SourceError(ValueError):
+    """A training or eval source that cannot be used; the message names the source and the setting."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar of a manifest source: where it and its index are, how many samples it holds."""
+
+    path: str
+    index_path: str
+    samples: int
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of data.train_shards: a manifest folder (`shards` set) or a stream pattern (`urls` set)."""
+
+    spec: str
+    weight: float
+    shards: tuple[ShardInfo, ...] = ()
+    urls: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.shards)
+
+    @property
+    def samples(self) -> int | None:
+        return sum(s.samples for s in self.shards) if self.exact else None
+
+
+@dataclass(frozen=True)
+class SourceSet:
+    """All training sources of a run, with their weights."""
+
+    sources: tuple[Source, ...]
+
+    @property
+    def exact(self) -> bool:
+        """True when every source has a manifest (exactly-once planning); False means resampled mode."""
+        return all(s.exact for s in self.sources)
+
+    @property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        """Every manifest shard, in source order: the numbering of global sample ids."""
+        return tuple(shard for s in self.sources for shard in s.shards)
+
+    @property
+    def shard_counts(self) -> list[list[int]]:
+        return [[shard.samples for shard in s.shards] for s in self.sources]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources]
+
+    def digest(self) -> str:
+        """Identity of the data (shard names, sizes, checksums, weights), not of where it is mounted."""
+        h = hashlib.sha256()
+        for s in self.sources:
+            h.update(f"source {s.weight!r}\n".encode())
+            for shard in s.shards:
+                h.update(f"{shard.name} {shard.samples} {shard.sha256}\n".encode())
+            for url in s.urls:
+                h.update(f"{url}\n".encode())
+        return h.hexdigest()[:16]
+
+    def stream_urls(self) -> tuple[list[str], np.ndarray]:
+        """(every tar to draw from, probability of each) for the resampled mode."""
+        urls, weights = [], []
+        for s in self.sources:
+            members = list(s.urls) or [shard.path for shard in s.shards]
+            urls += members
+            weights += [s.weight] * len(members)
+        p = np.asarray(weights, dtype=np.float64)
+        return urls, p / p.sum()
+
+
+def is_stream(spec: str) -> bool:
+    """True for sources read through webdataset without a manifest: URLs, pipe:, brace patterns, tar paths."""
+    return spec.startswith(_STREAM_SCHEMES) or "{" in spec or spec.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def open_manifest_source(spec: str, weight: float = 1.0) -> Source:
+    """A shard folder with manifest.json; raises SourceError naming the folder."""
+    folder = Path(spec)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise SourceError(
+            f"{spec}: no {MANIFEST_NAME} there. Make shards with `python -m data_tools.shard --jsonl F "
+            f"--images D --out {spec}` (or `make shard-data`), or list tar files as a brace pattern "
+            "(dir/name-{000000..000009}.tar) together with data.samples_per_epoch to stream them without one")
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as err:
+        raise SourceError(f"{spec}: {err}") from err
+    shards = tuple(
+        ShardInfo(os.path.abspath(folder / e["name"]), os.path.abspath(folder / e["index"]), int(e["samples"]),
+                  e["name"], e["sha256"])
+        for e in manifest["shards"] if e["samples"] > 0
+    )
+    missing = [s.name for s in shards if not os.path.isfile(s.path) or not os.path.isfile(s.index_path)]
+    if missing:
+        raise SourceError(f"{spec}: shard or index files listed in {MANIFEST_NAME} are missing: {missing[:5]}; "
+                          f"check the folder with `python -m data_tools.verify {spec}`")
+    if not shards:
+        raise SourceError(f"{spec}: the manifest lists no samples")
+    return Source(spec, weight, shards=shards)
+
+
+def open_stream_source(spec: str, weight: float = 1.0) -> Source:
+    """A brace pattern, tar path, URL or pipe: command; local tar files must exist."""
+    urls = tuple(expand_urls(spec))
+    if not urls:
+        raise SourceError(f"{spec}: the pattern expands to no shard")
+    local = [u for u in urls if not u.startswith(_STREAM_SCHEMES)]
+    missing = [u for u in local if not os.path.isfile(u.removeprefix("file:"))]
+    if missing:
+        raise SourceError(f"{spec}: {len(missing)} of {len(urls)} tar files do not exist, e.g. {missing[0]}")
+    return Source(spec, weight, urls=urls)
+
+
+def resolve_sources(specs: Sequence[str], weights: Sequence[float] | None = None,
+                    label: str = "data.train_shards") -> SourceSet:
+    """Open every source. `weights` None means 1.0 each (every sample once per epoch)."""
+    if not specs:
+        raise SourceError(f"{label} is empty: give shard folders made by `python -m data_tools.shard`")
+    weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(specs):
+        raise SourceError(f"data.train_weights has {len(weights)} entries for {len(specs)} sources in {label}")
+    bad = [w for w in weights if not (w > 0 and np.isfinite(w))]
+    if bad:
+        raise SourceError(f"data.train_weights must be positive numbers, got {bad}")
+    sources = []
+    for spec, weight in zip(specs, weights):
+        spec = str(spec)
+        if is_stream(spec):
+            sources.append(open_stream_source(spec, weight))
+        elif os.path.isdir(spec):
+            sources.append(open_manifest_source(spec, weight))
+        else:
+            raise SourceError(f"{label}: {spec} is neither a shard folder nor a tar pattern/URL "
+                              "(run `make shard-data` first?)")
+    return SourceSet(tuple(sources))
