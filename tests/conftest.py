@@ -18,6 +18,25 @@ def tiny_vision_dir(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory):
+    """A small synthetic corpus (data_tools.synth) sharded by data_tools.shard: {split: shard folder}."""
+    from data_tools import shard, synth
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.write_corpus(root / "dataset", pretrain=192, sft=96, eval=24, seed=0, progress=False)
+    folders = {}
+    for split in ("pretrain", "sft", "eval"):
+        out = root / "shards" / split
+        code = shard.main(["--jsonl", str(root / "dataset" / f"{split}_data.jsonl"), "--images",
+                           str(root / "dataset" / f"{split}_images"), "--out", str(out), "--prefix", split,
+                           "--samples-per-shard", "50"])
+        assert code == 0
+        folders[split] = out
+    folders["dataset"] = root / "dataset"
+    return folders
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

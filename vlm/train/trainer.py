@@ -94,7 +94,8 @@ class Trainer:
             consumed = batch["micro_step"] + 1
             if self.audit is not None:
                 self.audit.record(self.loader.epoch, batch["micro_step"], batch.get("keys", []))
-            if consumed % accumulation == 0:
+            # Step boundaries count from where this run's plan segment starts (a resume may change geometry).
+            if (consumed - self.loader.segment_start) % accumulation == 0:
                 self.step += 1
                 bar.update(1)
                 outcome = self._after_step(consumed)

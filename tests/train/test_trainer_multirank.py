@@ -1,0 +1,127 @@
+"""The trainer through the real `deepspeed` launcher on two CPU ranks (gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.launching import BIN, REPO, cpu_env, deepspeed_cmd, run, tail
+
+pytestmark = pytest.mark.slow
+
+
+def base_args(shards, out_dir, *extra):
+    return ["--config", "launch/configs/debug.yaml", "--train_shards", str(shards), "--out_dir", str(out_dir),
+            "--log_interval", "1", "--save_interval", "1000", *extra]
+
+
+def losses(out_dir):
+    by_step = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            by_step[record["step"]] = record["loss"]  # the last record of a step wins (resumed runs append)
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def zero_runs(synth_shards, tmp_path_factory):
+    """The same 10 steps under ZeRO 0, 1, 2 and 3, in one launcher invocation: {stage: out_dir}."""
+    root = tmp_path_factory.mktemp("zero")
+    outs = {stage: root / f"zero{stage}" for stage in (0, 1, 2, 3)}
+    runs = [base_args(synth_shards["pretrain"], outs[s], "--zero_stage", str(s)) for s in outs]
+    (root / "runs.json").write_text(json.dumps(runs))
+    result = run(deepspeed_cmd("tests/train/multi_run.py", [str(root / "runs.json")]), timeout=600)
+    assert result.returncode == 0, tail(result)
+    return outs
+
+
+def test_zero_stages_give_the_same_losses(zero_runs):
+    reference = losses(zero_runs[0])
+    assert sorted(reference) == list(range(1, 11))
+    assert reference[10] < reference[1]  # it learns
+    for stage in (1, 2, 3):
+        other = losses(zero_runs[stage])
+        for step, loss in reference.items():
+            assert abs(other[step] - loss) <= 1e-4 * abs(loss), (stage, step, other[step], loss)
+
+
+def test_a_run_writes_checkpoint_metrics_plot_and_export(zero_runs):
+    out = zero_runs[2]
+    meta = json.loads((out / "checkpoints" / "step_000000010" / "meta.json").read_text())
+    assert meta["step"] == 10 and meta["world_size"] == 2 and meta["config"]["train"]["zero_stage"] == 2
+    assert (out / "checkpoints" / "latest").read_text() == "step_000000010"
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(record)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "vision_model").is_dir()
+
+
+def _rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    return [p for p in children if any("train.py" in part for part in p.cmdline())]
+
+
+def _wait_for(predicate, timeout, proc):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_mid_run_then_resume_reproduces_losses(synth_shards, tmp_path):
+    """Uninterrupted vs killed with SIGKILL after a checkpoint, then resumed with --resume auto."""
+    steps = ["--max_steps", "30", "--epochs", "2", "--data.num_workers", "1"]
+    reference = tmp_path / "reference"
+    result = run(deepspeed_cmd("launch/train.py", base_args(synth_shards["pretrain"], reference, *steps)))
+    assert result.returncode == 0, tail(result)
+    killed = tmp_path / "killed"
+    args = base_args(synth_shards["pretrain"], killed, *steps, "--save_interval", "4")
+    proc = subprocess.Popen(deepspeed_cmd("launch/train.py", args), cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step_000000008" / "meta.json"
+    reached = _wait_for(marker.is_file, 240, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert reached, "the run ended before the kill"
+    assert max(losses(killed)) < 30, "the kill came too late to interrupt the run"
+    result = run(deepspeed_cmd("launch/train.py", args))
+    assert result.returncode == 0, tail(result)
+    assert "resume from" in result.stdout + result.stderr
+    resumed, expected = losses(killed), losses(reference)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 31))
+    assert [resumed[s] for s in range(9, 31)] == [expected[s] for s in range(9, 31)]
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_on_one_rank(synth_shards, tmp_path):
+    """SIGTERM to one rank: both agree, checkpoint and exit 75; the ZeRO-3 checkpoint then resumes on 1 rank
+    (universal conversion) and every sample of the epoch is trained exactly once across the two runs."""
+    out = tmp_path / "run"
+    args = base_args(synth_shards["pretrain"], out, "--zero_stage", "3", "--max_steps", "1000", "--log_samples",
+                     "--train.epochs=1", "--data.num_workers", "1")
+    proc = subprocess.Popen(deepspeed_cmd("launch/train.py", args), cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= 3, 240, proc)
+    rank1 = [p for p in _rank_processes(proc) if "--local_rank=1" in " ".join(p.cmdline())]
+    rank1[0].send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, output[-3000:]
+    meta = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / "meta.json").read_text())
+    stopped_at = meta["step"]
+    assert 3 <= stopped_at < 24  # 24 = one epoch of 192 samples at 2 ranks x 4
+    result = run([str(BIN / "python"), "launch/train.py", *args])
+    assert result.returncode == 0, tail(result)
+    keys = []
+    for path in sorted((out / "samples").glob("rank*.jsonl")):
+        keys += [k for line in path.read_text().splitlines() for k in json.loads(line)["keys"]]
+    assert len(keys) == len(set(keys)), "a sample was trained twice"
+    assert len(keys) >= 192 - 8  # everything but a tail smaller than one global batch
