@@ -1,0 +1,293 @@
+"""The MiniMind language model (dense or MoE) as a `transformers` model that can `generate()` with a KV cache.
+
+State-dict keys are MiniMind's own (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
+..., `model.norm.weight`, `lm_head.weight`), so MiniMind(-V) `.pth` files load by name; the math (RMSNorm,
+rotate-half RoPE, GQA head mapping, SwiGLU, MoE routing) follows MiniMind so those weights give its logits.
+
+Attention mask contract (the data pipeline relies on it): `attention_mask` is an integer or bool tensor
+(B, T_total), 0 = padding, a positive value = segment id. A token attends causally to the earlier tokens of
+its own segment only, so several samples packed in one row stay isolated; a 0/1 padding mask is the case of
+one segment. Without `position_ids`, positions restart at 0 in every segment (so left padding is not
+counted). A missing or all-ones mask takes SDPA's `is_causal` path and never builds a mask tensor.
+
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8))
+    out = model(input_ids, attention_mask=mask, labels=labels)   # out.loss, out.aux_loss, out.logits
+    ids = model.generate(input_ids, max_new_tokens=32)           # KV cache (transformers DynamicCache)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from vlm.model.config import MiniMindConfig
+from vlm.model.moe import FeedForward, MoEFeedForward, MoEGate
+from vlm.model.rope import RotaryEmbedding, apply_rotary
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """MiniMind's RMSNorm: normalise in fp32, cast back to the input dtype, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * n_rep, T, D); query head h reads key/value head h // n_rep (MiniMind's order)."""
+    if n_rep == 1:
+        return x
+    bsz, kv_heads, seq_len, head_dim = x.shape
+    return x[:, :, None].expand(bsz, kv_heads, n_rep, seq_len, head_dim).reshape(bsz, -1, seq_len, head_dim)
+
+
+def segment_attention(segment_ids: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask and positions for the last `q_len` tokens of rows of segment ids (B, T_total).
+
+    Returns a bool mask (B, 1, q_len, T_total), True = may attend: same segment and not in the future; and
+    positions (B, q_len): how many earlier tokens of its own segment each token has. Padding tokens
+    (segment 0) attend to earlier padding, which keeps their softmax finite; nothing real attends to them.
+    """
+    total = segment_ids.shape[1]
+    seg = segment_ids.long()
+    seg_q = seg[:, total - q_len :]  # (B, Tq)
+    q_pos = torch.arange(total - q_len, total, device=seg.device)
+    causal = torch.arange(total, device=seg.device)[None, :] <= q_pos[:, None]  # (Tq, Tk)
+    allowed = (seg_q[:, :, None] == seg[:, None, :]) & causal  # (B, Tq, Tk)
+    positions = (allowed.sum(-1) - 1).masked_fill(seg_q == 0, 0)
+    return allowed.unsqueeze(1), positions
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x, cos, sin, attn_mask: torch.Tensor | None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        bsz, q_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T_total, hd)
+        out = self.attend(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), attn_mask)
+        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)))
+
+    def attend(self, q, k, v, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, Tq, hd), k/v (B, H, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, H, Tq, hd).
+
+        A None mask means plain causal attention when Tq > 1 (the model only passes None then when there is
+        no cache prefix) and attend-to-everything for one decoding step.
+        """
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and q.shape[2] > 1,
+        )
+
+
+class MiniMindBlock(GradientCheckpointingLayer):
+    """Pre-norm decoder layer; returns (hidden states, MoE aux loss or 0)."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, hidden, cos, sin, attn_mask, cache: Cache | None = None):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_mask, cache=cache)
+        if isinstance(self.mlp, MoEFeedForward):
+            mlp_out, aux_loss = self.mlp(self.post_attention_layernorm(hidden))
+        else:
+            mlp_out, aux_loss = self.mlp(self.post_attention_layernorm(hidden)), hidden.new_zeros(())
+        return hidden + mlp_out, aux_loss
+
+
+class MiniMindModel(nn.Module):
+    """Embeddings, decoder layers and the final norm; returns (normed hidden states, summed aux loss)."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(MiniMindBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        # Dropout applies to whatever enters the stack, including image features written into inputs_embeds.
+        hidden = self.dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        past = cache.get_seq_length() if cache is not None else 0
+        attn_mask, positions = self.attention_layout(attention_mask, hidden.shape[1], past)
+        if position_ids is not None:
+            positions = position_ids
+        cos, sin = self.rotary(positions)
+        aux_loss = hidden.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            hidden, layer_aux = layer(hidden, cos, sin, attn_mask, cache=cache)
+            aux_loss = aux_loss + layer_aux
+        return self.norm(hidden), aux_loss
+
+    def attention_layout(self, attention_mask, q_len: int, past: int):
+        """(mask (B, 1, Tq, T_total) bool or None, positions: slice or (B, Tq) tensor) for this call."""
+        total = past + q_len
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {total} tokens exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}; raise it in the model config or shorten the input"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be (batch, tokens) of segment ids (0 = padding); got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens but cache + input hold {total}; "
+                "pass the mask for the whole sequence, cached tokens included"
+            )
+        if attention_mask is None or bool((attention_mask == 1).all()):
+            if past == 0 or q_len == 1:
+                return None, slice(past, total)
+            attention_mask = torch.ones(1, total, dtype=torch.long, device=self.embed_tokens.weight.device)
+        return segment_attention(attention_mask, q_len)
+
+
+@dataclass
+class MiniMindOutput(MoeCausalLMOutputWithPast):
+    """`loss` (CE only), `aux_loss` (MoE balance loss, add it to the loss yourself), `logits`, `cache`."""
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        """Older name of `cache` (transformers < 5.24 and MiniMind call it so)."""
+        return self.cache
+
+
+class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
+    """MiniMind causal LM: `model` (MiniMindModel) + `lm_head` tied to `model.embed_tokens`."""
+
+    config_class = MiniMindConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiniMindBlock"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MoEGate):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, RotaryEmbedding):
+            module.reset_tables()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MiniMindOutput:
+        """Logits, and with `labels` (aligned with the input, shifted here) the mean CE over labels != -100.
+
+        `cache` is transformers 5.24's name for the KV cache (what `generate` passes); `past_key_values` is
+        accepted as the older name. `use_cache=True` without a cache starts a `DynamicCache`.
+        """
+        check_ignored_kwargs(kwargs)
+        cache = cache if cache is not None else past_key_values
+        if use_cache is False:
+            cache = None
+        elif use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache)
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits for every position; call with logits_to_keep=0")
+            loss = shifted_cross_entropy(logits, labels)
+        return MiniMindOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=cache)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean fp32 CE of logits[:, t] against labels[:, t + 1] over labels != -100 (0 when there are none)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# Arguments `generate` and HF utilities may pass that this model has nothing to do with.
+_HARMLESS_KWARGS = {"return_dict", "output_attentions", "output_hidden_states", "cache_position"}
+
+
+def check_ignored_kwargs(kwargs: dict) -> None:
+    unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS_KWARGS and v is not None)
+    if unknown or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        raise TypeError(
+            f"MiniMindForCausalLM.forward got unsupported arguments {unknown or ['output_attentions/hidden_states']}"
+        )
