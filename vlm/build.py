@@ -98,5 +98,5 @@ def build(cfg: Config) -> Built:
     elif init is not None:
         load_minimind_weights(model, init, allow_missing=cfg.model.init_allow_missing)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return Built(model, tokenizer, ImagePreprocessConfig.from_folder(vision_folder), vision_folder, image_token_id)

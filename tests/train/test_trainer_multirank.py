@@ -125,3 +125,30 @@ def test_sigterm_checkpoints_exits_75_and_resumes_on_one_rank(synth_shards, tmp_
         keys += [k for line in path.read_text().splitlines() for k in json.loads(line)["keys"]]
     assert len(keys) == len(set(keys)), "a sample was trained twice"
     assert len(keys) >= 192 - 8  # everything but a tail smaller than one global batch
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_exported_weights_reload_with_the_same_logits(zero_runs, tmp_path, stage):
+    import torch
+
+    from vlm.export import main as export_main
+    from vlm.model.config import VLMConfig
+    from vlm.model.vision_encoder import load_vision_encoder
+    from vlm.model.vlm import MiniMindVLM
+    from vlm.model.weights import load_minimind_weights
+
+    out = zero_runs[stage]
+    assert export_main(["--checkpoint", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert export_main(["--checkpoint", str(out), "--format", "minimind", "--out", str(tmp_path / "m.pth")]) == 0
+    live = MiniMindVLM.from_pretrained(out / "export").eval()  # written by the trainer at the end
+    exported = MiniMindVLM.from_pretrained(tmp_path / "hf").eval()
+    minimind = MiniMindVLM(VLMConfig.from_pretrained(tmp_path / "hf"),
+                           load_vision_encoder(tmp_path / "hf" / "vision_model")).eval()
+    load_minimind_weights(minimind, tmp_path / "m.pth")
+    cfg = live.config
+    ids = torch.tensor([[1] + [cfg.image_token_id] * cfg.image_token_len + [40, 41, 42, 2]])
+    pixels = torch.randn(1, 1, 3, 64, 64)
+    with torch.no_grad():
+        reference = live(input_ids=ids, pixel_values=pixels).logits
+        assert torch.allclose(exported(input_ids=ids, pixel_values=pixels).logits, reference, atol=1e-5)
+        assert torch.allclose(minimind(input_ids=ids, pixel_values=pixels).logits, reference, atol=2e-2)

@@ -149,11 +149,3 @@ class MiniMindVLM(MiniMindForCausalLM):
         return super().forward(
             input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
-
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        cache = inputs.get("past_key_values")
-        first_step = cache is None or cache.get_seq_length() == 0
-        # Images are encoded once, into the prompt's cache; later steps feed one new token each.
-        inputs["pixel_values"] = pixel_values if first_step else None
-        return inputs

@@ -1,0 +1,121 @@
+"""Trainer parts that need no process group: CLI errors, DeepSpeed config filling, freezing, checkpoints, env."""
+
+import json
+
+import pytest
+
+from tests.model.tiny import tiny_config
+from vlm.config import ConfigError, config_from_dict
+from vlm.model.vision_encoder import load_vision_encoder
+from vlm.model.vlm import MiniMindVLM
+from vlm.train import checkpoint as ckpt
+from vlm.train.cli import main
+from vlm.train.distributed import batch_problems, build_ds_config, launcher_problems, normalize_launcher_env
+from vlm.train.freeze import apply_trainable_policy
+
+
+def test_unknown_flag_and_yaml_key_exit_2_naming_them(tmp_path, capsys):
+    assert main(["--config", "launch/configs/debug.yaml", "--batchsize", "3"]) == 2
+    assert "--batchsize" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "train.epoch" in capsys.readouterr().err
+
+
+def test_config_problems_are_reported_together_before_any_work(tmp_path, capsys):
+    code = main(["--config", "launch/configs/sft.yaml", "--batch_size", "0", "--train.trainable", "projector",
+                 "--out_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.batch_size must be >= 1" in err
+    assert "SFT trains the language model" in err
+    assert "model/vision_model" in err and "data/shards/sft" in err
+    assert not (tmp_path / "o").exists()
+
+
+def train_cfg(**train):
+    return config_from_dict({"train": train}).train
+
+
+def test_ds_config_batch_fields_come_from_yaml():
+    ds = build_ds_config(train_cfg(batch_size=4, accumulation_steps=3, dtype="bfloat16", zero_stage=2), 8, 100, True)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 96
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["gradient_clipping"] == 1.0
+
+
+def test_ds_json_may_not_hold_batch_or_contradicting_precision(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 64, "bf16": {"enabled": True}, "optimizer": {}}))
+    with pytest.raises(ConfigError) as err:
+        build_ds_config(train_cfg(deepspeed_config=str(path), dtype="float32"), 2, 10, True)
+    text = str(err.value)
+    assert "train_batch_size" in text and "optimizer" in text and "bf16.enabled" in text
+
+
+def test_batch_arithmetic_check():
+    assert batch_problems(4, 2, 8) == []
+    assert "global batch 60 != batch_size 4 x accumulation_steps 2 x world size 8 = 64" in batch_problems(4, 2, 8, 60)[0]
+
+
+@pytest.fixture
+def model(tiny_vision_dir):
+    return MiniMindVLM(tiny_config(), load_vision_encoder(tiny_vision_dir))
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_freeze_policies(model):
+    counts = apply_trainable_policy(model, "projector")
+    assert trainable_names(model) == {"vision_proj.vision_proj.0.weight", "vision_proj.vision_proj.0.bias"}
+    assert counts["total"] > counts["trainable"] > 0
+    apply_trainable_policy(model, "projector+last_layer")
+    assert {n for n in trainable_names(model) if n.startswith("model.layers.")} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
+    apply_trainable_policy(model, "projector+lm")
+    assert "model.embed_tokens.weight" in trainable_names(model)
+    apply_trainable_policy(model, "patterns", ["*.q_proj.*"])
+    assert trainable_names(model) == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+    with pytest.raises(ValueError, match="match no parameter"):
+        apply_trainable_policy(model, "patterns", ["nothing.*"])
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        if complete:
+            ckpt.write_json_atomic(root / ckpt.tag_for(step) / "meta.json", {"step": step})
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step_000000010"
+    assert ckpt.resolve_resume(tmp_path, "never") is None
+    assert ckpt.resolve_resume(tmp_path, str(tmp_path)).name == "step_000000010"
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(tmp_path, str(root / "step_000000015"))
+    ckpt.prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000000010", "step_000000015"]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, (3, 8, 1, "slurm")),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
+     (2, 4, 0, "openmpi")),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"},
+     (1, 2, 1, "deepspeed/torchrun")),
+    ({}, (0, 1, 0, "single process")),
+])
+def test_launcher_variables_are_understood(env, expected):
+    dist = normalize_launcher_env(env)
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.launcher) == expected
+    assert launcher_problems(env) == []
+
+
+def test_inconsistent_launcher_variables_are_reported():
+    problems = launcher_problems({"RANK": "4", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "x"})
+    assert any("RANK=4" in p for p in problems) and any("MASTER_PORT" in p for p in problems)
