@@ -31,6 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_loader(shards: Path, batch_size: int, accumulation: int) -> TrainLoader:
+    """The loader of a one-process run over the same shards with the worker script's seed and chunk size."""
+    return TrainLoader([str(shards)], load_tokenizer(), SMALL_IMAGES, IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN, MAX_SEQ_LEN,
+                       batch_size=batch_size, accumulation=accumulation, world_size=1, rank=0, num_workers=0,
+                       seed=7, chunk_size=4)
+
+
 @pytest.mark.slow
 def test_two_ranks_two_workers_through_the_deepspeed_launcher(tmp_path):
     shards = write_shards(tmp_path / "shards", UNEVEN)
@@ -44,6 +51,8 @@ def test_two_ranks_two_workers_through_the_deepspeed_launcher(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     ranks = [[json.loads(line) for line in (out / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
+    # The same global batches (G = 4) from one process with accumulation 2: what a shrink to 1 rank trains on.
+    accumulating = single_loader(shards, batch_size=2, accumulation=2)
     epochs = []
     for epoch in range(2):
         steps = [[rec for rec in records if rec["epoch"] == epoch] for records in ranks]
@@ -53,12 +62,15 @@ def test_two_ranks_two_workers_through_the_deepspeed_launcher(tmp_path):
         keys = [k for s in steps for rec in s for k in rec["keys"]]
         assert len(keys) == len(set(keys)) == 24 and set(keys) <= all_keys("c", 25)  # exactly once
         epochs.append(keys)
+        accumulating.set_epoch(epoch)
+        alone = [batch["keys"] for batch in accumulating]
+        assert [steps[0][j]["keys"] + steps[1][j]["keys"] for j in range(6)] == [
+            alone[2 * j] + alone[2 * j + 1] for j in range(6)]
     assert epochs[0] != epochs[1]
 
     # Resume the last epoch's saved position on one process, no workers: nothing lost or repeated.
     state = json.loads((out / "state.json").read_text())
-    single = TrainLoader([str(shards)], load_tokenizer(), SMALL_IMAGES, IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN,
-                         MAX_SEQ_LEN, batch_size=3, world_size=1, rank=0, num_workers=0, seed=7, chunk_size=4)
+    single = single_loader(shards, batch_size=3, accumulation=1)
     single.load_state_dict(state)
     before = [k for records in ranks for rec in records if rec["epoch"] == 1 and rec["micro_step"] < 2
               for k in rec["keys"]]

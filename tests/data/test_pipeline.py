@@ -69,14 +69,21 @@ def test_two_workers_through_a_real_dataloader(uneven, tokenizer):
     assert keys == expected
 
 
-def test_in_process_and_worker_batches_are_identical(uneven, tokenizer):
+def test_the_worker_count_changes_nothing_in_the_batches(uneven, tokenizer):
     a = list(make([uneven], tokenizer, num_workers=0, batch_size=3))
     b = list(make([uneven], tokenizer, num_workers=2, batch_size=3))
-    assert keys_of(a) != keys_of(b)  # another worker count deals the samples differently...
-    assert set(keys_of(a)) == set(keys_of(b)) and len(a) == len(b)
-    c = list(make([uneven], tokenizer, num_workers=2, batch_size=3))
+    assert [x["micro_step"] for x in a] == [y["micro_step"] for y in b] == list(range(8))
+    assert keys_of(a) == keys_of(b) and len(set(keys_of(a))) == 24
     assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["pixel_values"], y["pixel_values"])
-               for x, y in zip(b, c))  # ...but the same geometry gives the same batches, tensors included
+               for x, y in zip(a, b))  # the same batches, tensors included
+
+
+def test_one_rank_accumulating_two_trains_on_the_global_batches_of_two_ranks(uneven, tokenizer):
+    one = list(make([uneven], tokenizer, accumulation=2, num_workers=2, batch_size=3))
+    two = [list(make([uneven], tokenizer, world_size=2, rank=r, num_workers=2, batch_size=3)) for r in range(2)]
+    assert len(one) == 8 and len(two[0]) == len(two[1]) == 4  # 25 // 6 = 4 global batches, 1 sample dropped
+    for step in range(4):
+        assert keys_of(one[2 * step : 2 * step + 2]) == keys_of([two[0][step], two[1][step]])
 
 
 def test_two_ranks_two_workers_exactly_once_and_epochs_differ(uneven, tokenizer):
@@ -108,6 +115,9 @@ def test_resume_same_geometry_continues_identically_and_resize_repeats_nothing(u
     assert same.start_step == 5 and [b["micro_step"] for b in rest] == list(range(5, 12))
     assert keys_of(taken + rest) == keys_of(full)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(rest, full[5:]))
+    in_process = make([uneven], tokenizer, num_workers=0)  # only the worker count differs: the same stream
+    in_process.load_state_dict(state)
+    assert in_process.segment_start == 0 and keys_of(list(in_process)) == keys_of(rest)
 
     resized = make([uneven], tokenizer, num_workers=0, batch_size=3)  # other worker count and batch size
     resized.load_state_dict(state)

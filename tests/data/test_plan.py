@@ -11,6 +11,7 @@ from vlm.data.plan import (
     PositionError,
     batch_range,
     consumed_before,
+    consumed_mask,
     current_plan,
     dropped_samples,
     epoch_micro_batches,
@@ -77,13 +78,59 @@ def test_two_ranks_two_workers_uneven_shards_exactly_once_and_balanced():
     assert epoch_micro_batches(end) == m
 
 
-def test_slots_are_contiguous_pieces_dealt_rank_major():
-    g = Geometry(world_size=2, workers=3, batch_size=2)
-    n = 2 * 2 * 7 + 3  # M = 7: workers yield 3, 2, 2 batches
-    starts = [batch_range(n, g, rank, step)[0] for rank in range(2) for step in range(7)]
-    # rank 0: worker 0 takes positions 0..5 (steps 0, 3, 6), worker 1 6..9 (steps 1, 4), worker 2 10..13
-    assert starts[:7] == [0, 6, 10, 2, 8, 12, 4]
-    assert starts[7:] == [s + 14 for s in starts[:7]]
+def global_batches(position):
+    """Positions in S of each optimizer step of the last segment, sorted, from what the ranks' loaders yield."""
+    _, geometry, _ = current_plan(position)
+    streams = [rank_stream(position, r) for r in range(geometry.world_size)]
+    steps: dict[int, list] = {}
+    for stream in streams:
+        for micro_step, positions in stream:
+            steps.setdefault((micro_step - consumed_before(position)) // geometry.accumulation, []).append(positions)
+    return [sorted(np.concatenate(steps[k]).tolist()) for k in sorted(steps)]
+
+
+def test_dealing_is_global_batch_major():
+    g = Geometry(world_size=2, workers=3, batch_size=2, accumulation=3)  # G = 12: each rank 6 per step
+    n = 12 * 2 + 5
+    assert micro_batches(n, g) == 6 and dropped_samples(new_position(0, 0, n, g)) == 5
+    starts = [[batch_range(n, g, rank, step)[0] for step in range(6)] for rank in range(2)]
+    # step 0: rank 0 reads positions 0..5 (micro-batches 0, 1, 2), rank 1 6..11; step 1 the next 12
+    assert starts == [[0, 2, 4, 12, 14, 16], [6, 8, 10, 18, 20, 22]]
+    # The same through the workers' round-robin: step k uses exactly positions [12k, 12k + 12).
+    assert global_batches(new_position(0, 0, n, g)) == [list(range(0, 12)), list(range(12, 24))]
+
+
+@pytest.mark.parametrize("geometries", [
+    [Geometry(1, 0, 3, 2), Geometry(2, 2, 3, 1)],  # 1 rank x accumulation 2 == 2 ranks x accumulation 1
+    [Geometry(2, 2, 3, 2), Geometry(3, 1, 2, 2), Geometry(4, 3, 3, 1), Geometry(1, 0, 12, 1)],  # all G = 12
+])
+def test_global_batches_depend_only_on_the_global_batch_size(geometries):
+    order = order_for()
+    n = len(order)
+    expected = global_batches(new_position(3, 0, n, geometries[0]))
+    assert len(expected) == n // geometries[0].global_batch
+    for g in geometries[1:]:
+        assert global_batches(new_position(3, 0, n, g)) == expected
+        assert dropped_samples(new_position(3, 0, n, g)) == n % g.global_batch
+
+
+def test_one_rank_accumulating_sees_the_micro_batches_of_two_ranks():
+    n = len(order_for())
+    one = rank_stream(new_position(3, 0, n, Geometry(1, 2, 3, 2)), 0)
+    two = [rank_stream(new_position(3, 0, n, Geometry(2, 2, 3, 1)), r) for r in range(2)]
+    # micro-batch 2k + r of the single rank is rank r's micro-batch k: the same B samples, in the same order
+    assert all(np.array_equal(one[2 * k + r][1], two[r][k][1]) for k in range(len(two[0])) for r in range(2))
+
+
+@pytest.mark.parametrize("consumed", [0, 2, 3, 4, 6, 7, 11, 12])
+def test_consumed_set_is_whole_global_batches_then_each_ranks_first_micro_batches(consumed):
+    g = Geometry(world_size=2, workers=2, batch_size=2, accumulation=3)  # G = 12: each rank 6 per step
+    n = 12 * 4 + 7
+    _, used = train(new_position(0, 0, n, g), consumed)
+    whole, partial = divmod(consumed, g.accumulation)
+    expected = list(range(whole * 12)) + [whole * 12 + r * 6 + i for r in range(2) for i in range(partial * 2)]
+    assert sorted(np.concatenate(used).tolist()) == expected
+    assert np.flatnonzero(consumed_mask(n, g, consumed)).tolist() == expected
 
 
 def test_order_is_deterministic_per_seed_and_epoch_and_differs_between_epochs():
@@ -127,6 +174,36 @@ def test_resume_with_same_geometry_continues_identically():
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(tail, uninterrupted[rank][4:]))
 
 
+def test_another_worker_count_keeps_the_plan_and_the_batches():
+    order = order_for()
+    n = len(order)
+    g = Geometry(world_size=2, workers=3, batch_size=3, accumulation=2)
+    position = new_position(3, 0, n, g)
+    uninterrupted = [rank_stream(position, r) for r in range(2)]
+    saved = json.loads(json.dumps(with_consumed(position, 5)))  # mid-step and mid-round-robin
+    for workers in (0, 2, 5):
+        restored = resume(saved, Geometry(2, workers, 3, 2), seed=3, num_samples=n)
+        assert len(restored["segments"]) == 1 and restored["segments"][0]["workers"] == workers
+        for rank in range(2):
+            tail = rank_stream(restored, rank)
+            assert [s for s, _ in tail] == [s for s, _ in uninterrupted[rank][5:]]
+            assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(tail, uninterrupted[rank][5:]))
+    # Resampled streams seed their RNG by segment, so there a new worker count still starts a segment.
+    assert len(resume(saved, Geometry(2, 0, 3, 2), seed=3, num_samples=n, exact=False)["segments"]) == 2
+
+
+def test_resize_at_a_step_boundary_continues_the_order_and_the_global_batches():
+    n = len(order_for())
+    two = Geometry(world_size=2, workers=2, batch_size=3, accumulation=1)
+    one = Geometry(world_size=1, workers=0, batch_size=3, accumulation=2)  # the same G = 6
+    uninterrupted = global_batches(new_position(3, 0, n, two))
+    position, _ = train(new_position(3, 0, n, two), 4)
+    resized = resume(json.loads(json.dumps(position)), one, seed=3, num_samples=n)
+    assert remaining_positions(resized).tolist() == list(range(24, n))  # S after the consumed prefix
+    assert global_batches(resized) == uninterrupted[4:]
+    assert dropped_samples(resized) == dropped_samples(new_position(3, 0, n, two)) == n % 6
+
+
 @pytest.mark.parametrize("plans", [
     [(2, 2, 3, 1, 5), (1, 2, 3, 1, None)],   # 2 ranks -> 1
     [(2, 2, 3, 1, 5), (3, 2, 3, 1, None)],   # 2 ranks -> 3
@@ -134,6 +211,8 @@ def test_resume_with_same_geometry_continues_identically():
     [(2, 2, 3, 2, 4), (2, 2, 4, 1, None)],   # micro-batch size and accumulation change
     [(2, 2, 3, 1, 3), (3, 1, 2, 1, 7), (1, 3, 5, 1, None)],  # two resizes in one epoch
     [(2, 2, 3, 1, 0), (3, 2, 3, 1, None)],   # resized before the first step
+    [(2, 2, 2, 3, 4), (3, 1, 2, 1, None)],   # resized inside an optimizer step (4 % 3 != 0)
+    [(2, 2, 2, 3, 5), (1, 0, 3, 2, 3), (2, 2, 2, 3, None)],  # inside steps twice, then back
 ])
 def test_resize_mid_epoch_loses_and_repeats_nothing(plans):
     order = order_for()
@@ -175,6 +254,17 @@ def test_mixing_weights_whole_copies_and_fresh_fractions():
     # Runs never cross a shard boundary, so chunks stay within one tar.
     bounds = [0, 10, 17, 21, 25, 29]
     assert all(np.searchsorted(bounds, r[0], "right") == np.searchsorted(bounds, r[-1], "right") for r in runs0)
+
+
+def test_old_format_positions_are_read_only_where_that_loses_nothing():
+    g = Geometry(2, 2, 3)
+    fresh = {**new_position(3, 1, 100, g), "format": "vlm-data-position/1"}  # saved at an epoch boundary
+    assert resume(fresh, g, seed=3, num_samples=100) == new_position(3, 1, 100, g)
+    used = {**with_consumed(new_position(3, 1, 100, g), 4), "format": "vlm-data-position/1"}
+    with pytest.raises(PositionError, match="epoch boundary"):
+        resume(used, g, seed=3, num_samples=100)
+    # A resampled stream deals no samples, so its old position still says where to go on.
+    assert resume(used, g, seed=3, num_samples=100, exact=False)["segments"] == used["segments"]
 
 
 def test_position_errors_name_what_differs():

@@ -152,3 +152,15 @@ def test_exported_weights_reload_with_the_same_logits(zero_runs, tmp_path, stage
         reference = live(input_ids=ids, pixel_values=pixels).logits
         assert torch.allclose(exported(input_ids=ids, pixel_values=pixels).logits, reference, atol=1e-5)
         assert torch.allclose(minimind(input_ids=ids, pixel_values=pixels).logits, reference, atol=2e-2)
+
+
+def test_one_rank_with_accumulation_2_matches_two_ranks(zero_runs, synth_shards, tmp_path):
+    """The plan deals global batches independently of the world size, so both see the same global batches."""
+    out = tmp_path / "acc2"
+    args = base_args(synth_shards["pretrain"], out, "--zero_stage", "2", "--accumulation_steps", "2")
+    result = run([str(BIN / "python"), "launch/train.py", *args])
+    assert result.returncode == 0, tail(result)
+    two_ranks, one_rank = losses(zero_runs[2]), losses(out)
+    assert sorted(one_rank) == sorted(two_ranks)
+    for step, loss in two_ranks.items():
+        assert abs(one_rank[step] - loss) <= 1e-4 * abs(loss), (step, one_rank[step], loss)

@@ -28,10 +28,13 @@ micro-batches never changes; the loader aborts with `DataQualityError` once bad/
 
 Modes. Exact (all sources have a manifest): see `vlm.data.plan` - the same micro-batch count on every rank,
 every sample of the epoch once across ranks and workers (a tail under one global batch dropped), order a
-function of (seed, epoch), resume identical with the same (world size, workers, batch size) and without loss
-or repeat with another. Resampled (any source without a manifest): each (rank, worker) draws shards at random
-(seeded by seed, epoch, rank, worker, resume point) and reads them in tar order; an epoch is
-`samples_per_epoch` samples; the position only counts micro-batches, so exactly-once does NOT hold there.
+function of (seed, epoch). Samples are dealt global-batch-major: optimizer step g trains on the g-th G
+samples of the epoch order (G = world size x batch size x accumulation), whatever the split of G into
+ranks and accumulation steps, and the worker count changes nothing in the batches. Resume is identical with
+the same (world size, batch size, accumulation), any worker count, and without loss or repeat with another.
+Resampled (any source without a manifest): each (rank, worker) draws shards at random (seeded by seed,
+epoch, rank, worker, resume point) and reads them in tar order; an epoch is `samples_per_epoch` samples;
+the position only counts micro-batches, so exactly-once does NOT hold there.
 """
 
 from __future__ import annotations
@@ -168,7 +171,11 @@ class BadSampleMonitor:
 
 @dataclass(frozen=True)
 class ExactSchedule:
-    """Batches of sample ids for one rank of an exact (manifest) epoch: `vlm.data.plan` applied."""
+    """Batches of sample ids for one rank of an exact (manifest) epoch: `vlm.data.plan` applied.
+
+    Each micro-batch is B consecutive positions of the epoch order, and a rank's A micro-batches of one
+    optimizer step are adjacent, so a worker reads a few chunks of a few shards at a time.
+    """
 
     shard_counts: list[list[int]]
     weights: list[float]
@@ -400,14 +407,14 @@ class TrainLoader(_Loader):
         return plan.with_consumed(self.position, micro_batches_consumed)
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; another world size / worker count / batch size re-plans the rest."""
+        """Continue from a saved position; another world size / batch size / accumulation re-plans the rest."""
         expected = {"mode": self.mode, "sources": self.sources.digest(), "chunk_size": self.chunk_size}
         different = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if different:
             raise plan.PositionError(
                 f"the saved data position does not fit this run ({different}: saved vs now); resume with the same "
                 "data.train_shards, data.train_weights and data.chunk_size, or start the epoch again")
-        self.position = plan.resume(state, self.geometry, self.seed, self.num_samples)
+        self.position = plan.resume(state, self.geometry, self.seed, self.num_samples, exact=self.sources.exact)
 
     def dataset(self) -> BatchStream:
         """The IterableDataset for the current position (picklable; what the DataLoader workers run)."""

@@ -1,4 +1,4 @@
-"""Epoch plan and loader position: which samples each (rank, worker) slot reads, as pure functions (no I/O).
+"""Epoch plan and loader position: which samples each rank's micro-batches hold, as pure functions (no I/O).
 
     from vlm.data.plan import Geometry, epoch_order, new_position, slot_schedule
     order = epoch_order(runs, chunk_size=64, seed=42, epoch=0)        # S: sample ids in epoch order
@@ -7,38 +7,50 @@
         ids = order[remaining_positions(position)[start:stop]]           # the B samples of that micro-batch
 
 Notation: N samples in the epoch, W data-parallel ranks, K DataLoader workers per rank (K=0 runs in the
-main process and counts as one slot), B samples per micro-batch, A gradient-accumulation steps.
+main process and counts as one slot), B samples per micro-batch, A gradient-accumulation steps,
+G = W*B*A samples per optimizer step (the global batch).
 
 Epoch order S. Every run of consecutive samples (one shard, or the part of it chosen this epoch) is cut into
 chunks of `chunk_size`; the chunks are permuted, and the samples inside each chunk permuted, by one RNG
 seeded with (seed, epoch). Same (seed, epoch) -> same S; another epoch -> another shard and sample order,
 while reads stay within a few chunks at a time.
 
-Segment plan. From a list R of positions in S still to be used (all of S at the start of an epoch):
-M = floor(|R| / (W*B)) micro-batches per rank, rounded down to a multiple of A, the same on every rank
-and computed from counts alone. Rank r's DataLoader takes micro-batch i from worker i % K (torch's
-round-robin over an IterableDataset), so worker k yields M_k = ceil((M - k) / K) batches (after a resume
-at micro-batch c, DataLoader worker w plays slot (w + c) % K, see `loader_slot`). R is dealt in
-contiguous pieces: slot (r, k), in r-major k-minor order, gets the next M_k * B positions. The rest of R
-(fewer than W*B*A) is the dropped tail, reported by the loader.
+Segment plan, dealt global-batch-major. A segment plans a list R of positions in S still to be used (all of
+S at the start of an epoch). Every rank runs M = floor(|R| / G) * A micro-batches, computed from counts
+alone; the rest of R (fewer than G) is the dropped tail, reported by the loader. Optimizer step g uses
+exactly R[g*G : (g+1)*G], and inside it rank r's micro-batch a (rank-local micro-step j = g*A + a) is
+R[g*G + (r*A + a)*B : g*G + (r*A + a + 1)*B], so a rank reads A*B consecutive positions per step. Hence
+global batch g holds the same samples for every (W, B, A) with the same G: one rank with accumulation 2 and
+two ranks with accumulation 1 (same B) train on identical global batches. The worker count plays no part
+in the dealing: rank r's DataLoader takes micro-batch j from worker j % K (torch's round-robin over an
+IterableDataset; after a resume at micro-batch c, DataLoader worker w plays slot (w + c) % K, see
+`loader_slot`), so K workers and K=0 yield the same batches.
 
 Position. A JSON-able dict {format, seed, epoch, num_samples, segments: [{world_size, workers, batch_size,
-accumulation, micro_batches_consumed}]}. Restored with the geometry of its last segment, each worker skips
-exactly the batches it had delivered, without reading them, and the stream continues identically.
-Restored with another geometry, the consumed positions are those of the consumed micro-batches (batch i of
-a segment came from worker i % K), and the remaining positions, in S order (the old tail included), are
-planned again as a new segment. Several resizes in one epoch stack segments. No position is used twice or
-lost; only the last segment's tail is dropped.
+accumulation, micro_batches_consumed}]}. After c micro-batches per rank a segment has used the first
+floor(c/A) global batches of R (a prefix) and, when c % A != 0, every rank's first c % A micro-batches of
+global batch floor(c/A). Checkpoints are taken at optimizer-step boundaries, so normally that is a prefix.
+Restored with the last segment's (W, B, A) - in exact mode with any worker count - each worker skips exactly
+the batches already delivered, without reading them, and the stream continues identically. Restored with another
+(W, B, A), the remaining positions of R, in S order (the old tail included), are planned again as a new
+segment: after a step boundary that just continues S after the consumed prefix, so with an unchanged G
+even the global batches (and the tail) stay the same. Several resizes in one epoch stack segments. No
+position is used twice or lost; only the last segment's tail is dropped.
+
+Format history: "vlm-data-position/1" positions were dealt in contiguous pieces per (rank, worker) slot.
+They are read only where that is lossless - nothing of the epoch consumed yet, or a resampled stream, which
+deals no samples; any other one raises PositionError (see `upgrade_position`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-POSITION_FORMAT = "vlm-data-position/1"
+POSITION_FORMAT = "vlm-data-position/2"
+OLD_POSITION_FORMAT = "vlm-data-position/1"
 
 
 class PositionError(ValueError):
@@ -66,13 +78,17 @@ class Geometry:
 
     @property
     def global_batch(self) -> int:
+        """G = W*B*A: the samples of one optimizer step across all ranks."""
         return self.world_size * self.batch_size * self.accumulation
+
+    def same_dealing(self, other: Geometry) -> bool:
+        """True if both deal the same micro-batches to the same (rank, micro_step): all but workers equal."""
+        return replace(self, workers=other.workers) == other
 
 
 def micro_batches(num_positions: int, geometry: Geometry) -> int:
-    """M: micro-batches per rank for `num_positions` samples, a multiple of the accumulation steps."""
-    per_rank = num_positions // (geometry.world_size * geometry.batch_size)
-    return per_rank - per_rank % geometry.accumulation
+    """M: micro-batches per rank for `num_positions` samples: whole global batches times the accumulation."""
+    return num_positions // geometry.global_batch * geometry.accumulation
 
 
 def worker_batches(total: int, slots: int, worker: int) -> int:
@@ -80,39 +96,34 @@ def worker_batches(total: int, slots: int, worker: int) -> int:
     return max(0, -(-(total - worker) // slots))
 
 
-def slot_range(num_positions: int, geometry: Geometry, rank: int, worker: int) -> tuple[int, int]:
-    """[start, stop) of slot (rank, worker) in the segment's list of remaining positions."""
-    if not (0 <= rank < geometry.world_size and 0 <= worker < geometry.slots):
-        raise ValueError(f"slot (rank {rank}, worker {worker}) is outside {geometry}")
-    m = micro_batches(num_positions, geometry)
-    start = rank * m + sum(worker_batches(m, geometry.slots, k) for k in range(worker))
-    return start * geometry.batch_size, (start + worker_batches(m, geometry.slots, worker)) * geometry.batch_size
-
-
 def batch_range(num_positions: int, geometry: Geometry, rank: int, step: int) -> tuple[int, int]:
-    """[start, stop) of micro-batch `step` (0-based, in the order rank's loader yields them)."""
-    worker, local = step % geometry.slots, step // geometry.slots
-    start, stop = slot_range(num_positions, geometry, rank, worker)
-    begin = start + local * geometry.batch_size
-    if begin >= stop:
+    """[start, stop) of rank's micro-batch `step` (0-based in the segment) in the segment's remaining positions."""
+    if not 0 <= rank < geometry.world_size:
+        raise ValueError(f"rank {rank} is outside {geometry}")
+    if not 0 <= step < micro_batches(num_positions, geometry):
         raise ValueError(f"micro-batch {step} is beyond the {micro_batches(num_positions, geometry)} of this plan")
+    g, a = divmod(step, geometry.accumulation)
+    begin = g * geometry.global_batch + (rank * geometry.accumulation + a) * geometry.batch_size
     return begin, begin + geometry.batch_size
 
 
 def consumed_mask(num_positions: int, geometry: Geometry, consumed: int) -> np.ndarray:
-    """Bool (num_positions,): the positions used by micro-batches 0..consumed-1 on every rank."""
+    """Bool (num_positions,): the positions used by micro-batches 0..consumed-1 on every rank.
+
+    That is the first consumed // A global batches, plus every rank's first consumed % A micro-batches of
+    the next one (A*B consecutive positions per rank and step, ranks one after another).
+    """
     m = micro_batches(num_positions, geometry)
     if not 0 <= consumed <= m:
         raise PositionError(f"{consumed} micro-batches consumed, but this plan has only {m} per rank")
+    whole, partial = divmod(consumed, geometry.accumulation)
     mask = np.zeros(num_positions, dtype=bool)
-    for rank in range(geometry.world_size):
-        for worker in range(geometry.slots):
-            start, _ = slot_range(num_positions, geometry, rank, worker)
-            done = worker_batches(consumed, geometry.slots, worker) * geometry.batch_size
-            mask[start : start + done] = True
+    mask[: whole * geometry.global_batch] = True
+    per_rank = geometry.accumulation * geometry.batch_size
+    for rank in range(geometry.world_size if partial else 0):
+        begin = whole * geometry.global_batch + rank * per_rank
+        mask[begin : begin + partial * geometry.batch_size] = True
     return mask
-
-
 def epoch_order(runs: Sequence[np.ndarray], chunk_size: int, seed: int, epoch: int) -> np.ndarray:
     """S: the ids of `runs` (arrays of consecutive sample ids) chunked, chunks and chunk contents shuffled."""
     if chunk_size < 1:
@@ -228,9 +239,13 @@ def with_consumed(position: dict, micro_batches_consumed: int) -> dict:
     return {**position, "segments": segments}
 
 
-def resume(position: dict, geometry: Geometry, seed: int, num_samples: int) -> dict:
-    """`position` restored for a run with `geometry`: unchanged if it is the last segment's, else re-planned."""
-    position = check_position(position)
+def resume(position: dict, geometry: Geometry, seed: int, num_samples: int, exact: bool = True) -> dict:
+    """`position` restored for a run with `geometry`: kept if it deals the same micro-batches, else re-planned.
+
+    `exact` is False for resampled streams: they deal no samples, so an old-format position can be read (see
+    upgrade_position), and any change of geometry starts a new segment.
+    """
+    position = check_position(upgrade_position(position, exact))
     if position["seed"] != seed:
         raise PositionError(f"the data position was saved with seed {position['seed']}, this run uses {seed}; "
                             "set train.seed back to resume the epoch without repeating samples")
@@ -238,12 +253,40 @@ def resume(position: dict, geometry: Geometry, seed: int, num_samples: int) -> d
         raise PositionError(f"the data position is for {position['num_samples']} samples per epoch, the training "
                             f"sources now give {num_samples}; resume with the same data.train_shards and weights")
     last = position["segments"][-1]
-    if segment_geometry(last) == geometry:
+    old = segment_geometry(last)
+    if old == geometry:
         return position
     segments = [dict(s) for s in position["segments"]]
-    if last["micro_batches_consumed"] == 0:
-        segments.pop()  # nothing was taken from that plan: replace it rather than stack an empty segment
-    return {**position, "segments": [*segments, _segment(geometry, 0)]}
+    if exact and old.same_dealing(geometry):
+        # Only the worker count differs: the same micro-batches, produced by other workers (see loader_slot).
+        # Resampled streams still start a segment: their RNG seeds count segments, so none is drawn again.
+        segments[-1]["workers"] = geometry.workers
+    elif last["micro_batches_consumed"] == 0:
+        segments[-1] = _segment(geometry, 0)  # nothing was taken from that plan: replace it, stack no empty one
+    else:
+        segments.append(_segment(geometry, 0))
+    return {**position, "segments": segments}
+
+
+def upgrade_position(position: dict, exact: bool = True) -> dict:
+    """A format-1 position in the current format where that loses nothing; anything else is returned as is.
+
+    Format 1 dealt contiguous pieces per (rank, worker), so its consumed micro-batches name other samples
+    than they would now. That only matters if some were consumed in an exact (manifest) epoch.
+    """
+    if not isinstance(position, dict) or position.get("format") != OLD_POSITION_FORMAT:
+        return position
+    segments = position.get("segments")
+    if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
+        return position  # malformed: check_position names the problem
+    consumed = [s.get("micro_batches_consumed") for s in segments]
+    if exact and any(consumed):
+        raise PositionError(
+            f"the data position ({OLD_POSITION_FORMAT}, micro-batches consumed per segment {consumed} in epoch "
+            f"{position.get('epoch')}) was written by an older vlm that dealt each rank and worker a contiguous "
+            "slice of the epoch; the current global-batch-major dealing cannot continue it exactly once. Resume "
+            "from a checkpoint saved at an epoch boundary, or finish this epoch with the version that wrote it")
+    return {**position, "format": POSITION_FORMAT}
 
 
 def check_position(position: dict) -> dict:
@@ -256,7 +299,7 @@ def check_position(position: dict) -> dict:
         raise PositionError(f"data position lacks {missing or ['segments']}")
     for segment in position["segments"]:
         try:
-            segment_geometry(segment)
+            segment_geometry(segment), int(segment["micro_batches_consumed"])
         except (KeyError, TypeError, ValueError) as err:
             raise PositionError(f"bad segment {segment} in the data position: {err!r}") from err
     n = position["num_samples"]
@@ -281,12 +324,14 @@ def loader_slot(position: dict, loader_worker: int) -> int:
 def slot_schedule(position: dict, rank: int, worker: int) -> Iterator[tuple[int, int, int]]:
     """(micro_step, start, stop) for each micro-batch slot (rank, worker) still has to deliver.
 
+    Slot k delivers the segment's micro-batches j with j % K == k, from the first one not yet consumed;
     start:stop index `remaining_positions(position)`; micro_step counts from the start of the epoch.
-    Batches the slot delivered before the position was saved are skipped without being produced.
+    Batches delivered before the position was saved are skipped without being produced.
     """
     n, geometry, consumed = current_plan(position)
+    if not 0 <= worker < geometry.slots:
+        raise ValueError(f"worker {worker} is outside {geometry}")
     base, slots = consumed_before(position), geometry.slots
-    start, stop = slot_range(n, geometry, rank, worker)
-    for local in range(worker_batches(consumed, slots, worker), (stop - start) // geometry.batch_size):
-        begin = start + local * geometry.batch_size
-        yield base + local * slots + worker, begin, begin + geometry.batch_size
+    for step in range(consumed + (worker - consumed) % slots, micro_batches(n, geometry), slots):
+        start, stop = batch_range(n, geometry, rank, step)
+        yield base + step, start, stop

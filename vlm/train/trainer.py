@@ -40,7 +40,7 @@ log = logging.getLogger("vlm.train")
 
 
 class TrainingError(RuntimeError):
-    pass
+    """Training cannot go on (e.g. repeated NaN losses, an epoch shorter than one step)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -168,7 +168,7 @@ class Trainer:
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": float(norm) if norm is not None and math.isfinite(float(norm)) else None,
             **summary, "memory_gb": _memory_gb(self.device),
-            "eta_s": remaining * elapsed / steps_in_window,
+            "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
             "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
         }
         self.metrics.write(record)
@@ -228,8 +228,8 @@ def _memory_gb(device: torch.device) -> float:
 
 def run(cfg: Config) -> int:
     """Set everything up and train; returns the exit code."""
+    validate_config(cfg)  # every config problem, before any process group or model exists
     env = init_distributed()
-    validate_config(cfg)
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
