@@ -6,6 +6,20 @@ import logging
 import sys
 
 from vlm.config import ConfigError, load_config, parse_cli_overrides
+from vlm.data.image import ImageConfigError
+from vlm.data.pipeline import DataQualityError
+from vlm.data.plan import PositionError
+from vlm.data.sources import SourceError
+from vlm.data.text import ChatTemplateError
+from vlm.model.vision_encoder import VisionEncoderError
+from vlm.model.weights import WeightsMismatchError
+from vlm.train.checkpoint import CheckpointError
+from vlm.train.trainer import TrainingError
+
+USER_ERRORS = (
+    CheckpointError, ChatTemplateError, DataQualityError, FileNotFoundError, ImageConfigError, PositionError,
+    SourceError, TrainingError, VisionEncoderError, WeightsMismatchError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
+    except USER_ERRORS as err:  # problems with the inputs: a clear message, no traceback
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm.config import ConfigError
+
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
@@ -126,11 +128,14 @@ def device_for_rank(local_rank: int, requested: str = "auto"):
 def read_ds_config(zero_stage: int, path: str | None) -> dict[str, Any]:
     source = Path(path) if path else REPO_DS_CONFIGS / f"zero{zero_stage}.json"
     if not source.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {source} does not exist (train.deepspeed_config / zero_stage)")
+        raise ConfigError([f"DeepSpeed config {source} does not exist (train.deepspeed_config / train.zero_stage)"])
     try:
-        return json.loads(source.read_text())
+        data = json.loads(source.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"DeepSpeed config {source} is not valid JSON: {err}") from err
+        raise ConfigError([f"DeepSpeed config {source} is not valid JSON: {err}"]) from err
+    if not isinstance(data, dict):
+        raise ConfigError([f"DeepSpeed config {source} must hold a JSON object"])
+    return data
 
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -176,7 +181,7 @@ def build_ds_config(
     problems += batch_problems(train_cfg.batch_size, train_cfg.accumulation_steps, world_size)
     problems += _precision(ds, train_cfg.dtype)
     if problems:
-        raise ValueError("DeepSpeed configuration problems:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(problems)
     ds["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
     ds["gradient_accumulation_steps"] = train_cfg.accumulation_steps
     ds["train_batch_size"] = train_cfg.batch_size * train_cfg.accumulation_steps * world_size
