@@ -31,8 +31,11 @@ test: install ## Run the test suite
 lint: install ## Check style with ruff
 	$(VENV)/bin/ruff check vlm data_tools launch tests
 
-bench: install ## Run the benchmarks (prints tables; not part of the tests)
-	$(PY) tests/bench/model_bench.py
+bench: install ## Run every benchmark (prints tables; minutes; not part of the tests)
+	OMP_NUM_THREADS=1 $(PY) tests/bench/model_bench.py
+	$(PY) tests/bench/shard_bench.py
+	OMP_NUM_THREADS=2 $(PY) tests/bench/loader_bench.py
+	$(PY) tests/bench/train_bench.py
 
 synth-data: install ## Write the built-in synthetic picture corpus to $(DATASET)/
 	$(PY) -m data_tools.synth --out $(DATASET) $(SYNTH_FLAGS)

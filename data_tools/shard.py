@@ -1,0 +1,483 @@
+"""Turn a MiniMind-V JSONL file and its image folder into validated WebDataset tar shards with a manifest.
+
+    python -m data_tools.shard --jsonl dataset/sft_data.jsonl --images dataset/sft_images \
+        --out data/shards/sft --prefix sft [--samples-per-shard 1000] [--workers 2]
+
+The layout of the output (shard names, sample keys and members, index files, manifest.json) is specified
+in `data_tools.manifest`; the checks applied to each record in `data_tools.validate`. Bad records are skipped
+and listed in the manifest with their reason (`--strict` stops at the first one instead), so input records =
+samples written + skipped, always. Blank lines are not records; they are counted in `blank_lines`.
+
+Restarts: shards are written under `NAME.tmp` and renamed when complete, and `.shard-progress.json` records
+what is complete. Re-running the same command after an interruption resumes after the last complete shard
+(shard boundaries depend only on the input and the options, so the result is byte-identical to an
+uninterrupted run); a folder holding output of other options or another JSONL is refused (`--overwrite`
+starts over). `--workers` only changes the speed: reading and checking run in a process pool, one writer
+writes in input order, so the bytes are the same for any worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_tools import manifest as mf
+from data_tools.validate import (
+    DEFAULT_MAX_PIXELS,
+    Rejected,
+    check_image,
+    parse_record,
+    read_image,
+)
+
+PROGRESS_NAME = ".shard-progress.json"
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Files this tool may delete in an output folder (on resume or --overwrite): its shards, indexes, temps.
+_OWN_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar(\.idx\.json)?(\.tmp)?$")
+_TAR_BLOCK, _TAR_RECORD = 512, 20 * 512  # tarfile pads the closed archive to whole records
+
+
+class ShardError(Exception):
+    """A problem the user must fix; the message names the flag or file to change."""
+
+
+@dataclass(frozen=True)
+class Options:
+    jsonl: str
+    images: str
+    out: str
+    prefix: str
+    samples_per_shard: int = 1000
+    max_shard_bytes: int | None = None
+    workers: int = 1
+    resize_max: int | None = None
+    strict: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    full_decode: bool = False
+    overwrite: bool = False
+
+    def output_args(self) -> dict:
+        """The options that shape the output bytes (so not --workers or --overwrite), as in manifest.json."""
+        return {"prefix": self.prefix, "samples_per_shard": self.samples_per_shard,
+                "max_shard_bytes": self.max_shard_bytes, "resize_max": self.resize_max, "strict": self.strict,
+                "max_pixels": self.max_pixels, "full_decode": self.full_decode}
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """What a worker needs to turn one line into a sample (picklable, sent with every batch)."""
+
+    images_root: str  # real path of --images
+    jsonl_name: str  # basename written into each sample's source
+    prefix: str
+    max_pixels: int
+    full_decode: bool
+    resize_max: int | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """One JSONL line after checking: a sample (members set), a skip (reason set), or a blank line."""
+
+    line: int
+    end_byte: int  # offset in the JSONL just after this line; where a resume continues
+    key: str = ""
+    members: dict | None = None  # {"json": bytes, "0.jpg": bytes, ...}
+    reason: str = ""
+    detail: str = ""
+
+
+def process_line(cfg: RecordConfig, line: int, end_byte: int, raw: bytes) -> Result:
+    """Check one JSONL line and, if it passes, build the sample's members (runs in worker processes)."""
+    if not raw.strip():
+        return Result(line, end_byte)
+    try:
+        record, names = parse_record(raw, first_line=line == 1)
+        images = [check_image(read_image(cfg.images_root, name), name, cfg.max_pixels, cfg.full_decode,
+                              cfg.resize_max) for name in names]
+    except Rejected as e:
+        return Result(line, end_byte, reason=e.reason, detail=e.detail)
+    doc = {"conversations": record["conversations"], "source": {"file": cfg.jsonl_name, "line": line},
+           "images": names}
+    doc.update((k, v) for k, v in record.items() if k not in ("conversations", "image"))
+    members = {"json": json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")}
+    for i, image in enumerate(images):
+        members[f"{i}.{image.ext}"] = image.data
+    return Result(line, end_byte, key=mf.sample_key(cfg.prefix, line), members=members)
+
+
+def _process_batch(cfg: RecordConfig, batch: list[tuple[int, int, bytes]]) -> list[Result]:
+    return [process_line(cfg, *item) for item in batch]
+
+
+@dataclass
+class Progress:
+    """Everything needed to continue after the last complete shard; saved in PROGRESS_NAME."""
+
+    fingerprint: dict
+    next_line: int = 0  # lines consumed so far (the next line read is next_line + 1)
+    next_byte: int = 0
+    input_records: int = 0
+    blank_lines: int = 0
+    skipped: list | None = None
+    shards: list | None = None
+
+    def __post_init__(self):
+        self.skipped = self.skipped or []
+        self.shards = self.shards or []
+
+
+def ordered_map(fn: Callable, cfg: RecordConfig, items: Iterable, workers: int, batch: int = 32) -> Iterator:
+    """fn(cfg, batch) over batches of `items`, results flattened in input order.
+
+    With workers > 1 a process pool runs the batches, at most 2 per worker in flight so memory stays
+    bounded when the writer is the slower side. Spawned workers never import webdataset (and torch).
+    """
+    if workers == 1:
+        for item in items:
+            yield from fn(cfg, [item])
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: deque = deque()
+        items = iter(items)
+        try:
+            while chunk := list(itertools.islice(items, batch)):
+                pending.append(pool.submit(fn, cfg, chunk))
+                if len(pending) >= 2 * workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+class _HashingFile:
+    """Write-through file wrapper counting bytes and hashing them, so a shard is never read back to hash."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+class ShardSink:
+    """One shard being written under NAME.tmp; `finish` renames it and writes its index."""
+
+    def __init__(self, outdir: Path, name: str):
+        # webdataset imports torch (about a second); only the writing process needs it.
+        from webdataset import TarWriter
+
+        self.outdir, self.name = outdir, name
+        self.tmp = outdir / (name + ".tmp")
+        self.file = open(self.tmp, "wb", buffering=1 << 20)  # tarfile writes 10 KiB records; batch them
+        self.hashing = _HashingFile(self.file)
+        # Fixed owner, mode and mtime: identical input and options give identical bytes.
+        self.tar = TarWriter(self.hashing, encoder=False, user="vlm", group="vlm", mode=0o444, mtime=0)
+        self.keys: list[str] = []
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.lines: list[int] = []
+
+    @property
+    def samples(self) -> int:
+        return len(self.keys)
+
+    def size_with(self, key: str, members: dict) -> int:
+        """Final file size if this sample were added and the shard then closed."""
+        tail = sum(_TAR_BLOCK + -(-len(v) // _TAR_BLOCK) * _TAR_BLOCK for v in members.values())
+        end = self.tar.tarstream.offset + tail + 2 * _TAR_BLOCK  # two zero blocks end the archive
+        return -(-end // _TAR_RECORD) * _TAR_RECORD
+
+    def add(self, key: str, members: dict, line: int) -> None:
+        start = self.tar.tarstream.offset
+        self.tar.write({"__key__": key, **members})
+        self.keys.append(key)
+        self.offsets.append(start)
+        self.sizes.append(self.tar.tarstream.offset - start)
+        self.lines.append(line)
+
+    def finish(self) -> dict:
+        """Close, fsync and rename the shard, write its index; returns the manifest's shard entry."""
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.outdir / self.name)
+        index = mf.dumps({"keys": self.keys, "offsets": self.offsets, "sizes": self.sizes}, compact=True)
+        mf.write_bytes_atomic(self.outdir / mf.index_name(self.name), index)
+        return {"name": self.name, "samples": self.samples, "bytes": self.hashing.bytes,
+                "sha256": self.hashing.digest.hexdigest(), "index": mf.index_name(self.name),
+                "index_sha256": hashlib.sha256(index).hexdigest(),
+                "first_line": self.lines[0] if self.lines else None, "last_line": self.lines[-1] if self.lines else None}
+
+    def abort(self) -> None:
+        self.tar.close()  # otherwise its stream flushes into the closed file when garbage-collected
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _scan_jsonl(path: str) -> tuple[str, int, int]:
+    """(sha256, bytes, lines) of the JSONL in one pass."""
+    digest, size, lines, last = hashlib.sha256(), 0, 0, b"\n"
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return digest.hexdigest(), size, lines + (last != b"\n")
+
+
+def _refuse(outdir: Path, what: str) -> ShardError:
+    return ShardError(f"{outdir} {what}; pass --overwrite to delete it and start over, or choose another --out")
+
+
+def _differences(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def _own_files(outdir: Path) -> list[Path]:
+    names = {mf.MANIFEST_NAME, mf.MANIFEST_NAME + ".tmp", PROGRESS_NAME, PROGRESS_NAME + ".tmp"}
+    return sorted(p for p in outdir.iterdir() if p.name in names or _OWN_FILE.match(p.name))
+
+
+def prepare_outdir(opts: Options, fingerprint: dict) -> Progress | None:
+    """Progress to continue from (fresh or resumed), or None when the folder already holds this exact output."""
+    outdir = Path(opts.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if opts.overwrite:
+        for path in _own_files(outdir):
+            path.unlink()
+    if (outdir / mf.MANIFEST_NAME).exists():
+        old = _read_own_json(outdir, mf.MANIFEST_NAME)
+        source = old.get("source") if isinstance(old.get("source"), dict) else {}
+        if old.get("args") != fingerprint["args"] or source.get("jsonl_sha256") != fingerprint["jsonl_sha256"]:
+            diff = _differences(old.get("args") or {}, fingerprint["args"]) or "the JSONL's content differs"
+            raise _refuse(outdir, f"already holds a complete shard set made differently ({diff})")
+        return None
+    if not (outdir / PROGRESS_NAME).exists():
+        if _own_files(outdir):
+            raise _refuse(outdir, "holds shard files without a manifest or progress record")
+        return Progress(fingerprint)
+    return _resume(outdir, fingerprint)
+
+
+def _read_own_json(outdir: Path, name: str) -> dict:
+    try:
+        data = json.loads((outdir / name).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _refuse(outdir, f"has an unreadable {name} ({e})") from e
+    if not isinstance(data, dict):
+        raise _refuse(outdir, f"has a {name} that is not a JSON object")
+    return data
+
+
+def _resume(outdir: Path, fingerprint: dict) -> Progress:
+    """The recorded progress of an interrupted run of the same command, with its unfinished files removed."""
+    try:
+        progress = Progress(**_read_own_json(outdir, PROGRESS_NAME))
+    except TypeError as e:
+        raise _refuse(outdir, f"has a {PROGRESS_NAME} from another version of this tool ({e})") from e
+    if progress.fingerprint != fingerprint:
+        diff = _differences(progress.fingerprint.get("args") or {}, fingerprint["args"]) or \
+            "the JSONL's content or the images folder differs"
+        raise _refuse(outdir, f"holds an interrupted run made differently ({diff})")
+    done = {entry["name"] for entry in progress.shards} | {entry["index"] for entry in progress.shards}
+    for entry in progress.shards:
+        path = outdir / entry["name"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise _refuse(outdir, f"has lost or changed {entry['name']} since it was completed")
+    for path in _own_files(outdir):
+        if path.name not in done and path.name != PROGRESS_NAME:
+            path.unlink()  # a shard that was being written when the run stopped; it is redone from its start
+    return progress
+
+
+def _read_lines(path: str, progress: Progress) -> Iterator[tuple[int, int, bytes]]:
+    line, pos = progress.next_line, progress.next_byte
+    with open(path, "rb") as f:
+        f.seek(pos)
+        for raw in f:
+            line += 1
+            pos += len(raw)
+            yield line, pos, raw
+
+
+def _save_progress(outdir: Path, progress: Progress) -> None:
+    mf.write_bytes_atomic(outdir / PROGRESS_NAME, mf.dumps(asdict(progress)))
+
+
+class _Writer:
+    """Assigns samples to shards in input order and keeps `progress` at the last complete shard."""
+
+    def __init__(self, opts: Options, progress: Progress, after_shard: Callable[[int], None] | None):
+        self.opts, self.progress, self.after_shard = opts, progress, after_shard
+        self.outdir = Path(opts.out)
+        self.sink: ShardSink | None = None
+        self.last_sample_state: tuple | None = None  # counters just after the open shard's last sample
+
+    def add(self, result: Result) -> None:
+        p = self.progress
+        if self.sink is not None and self.opts.max_shard_bytes is not None \
+                and self.sink.size_with(result.key, result.members) > self.opts.max_shard_bytes:
+            self.close_shard()
+        if self.sink is None:
+            self.sink = ShardSink(self.outdir, mf.shard_name(self.opts.prefix, len(p.shards)))
+        self.sink.add(result.key, result.members, result.line)
+        self.last_sample_state = (result.line, result.end_byte, p.input_records, p.blank_lines, len(p.skipped))
+        if self.sink.samples >= self.opts.samples_per_shard:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        if self.sink is None:
+            return
+        entry = self.sink.finish()
+        self.sink = None
+        p = self.progress
+        line, end_byte, records, blanks, n_skipped = self.last_sample_state
+        # Save the state as of this shard's last sample: a resume re-reads whatever came after it.
+        saved = Progress(p.fingerprint, line, end_byte, records, blanks, p.skipped[:n_skipped],
+                         p.shards + [entry])
+        _save_progress(self.outdir, saved)
+        p.shards.append(entry)
+        if self.after_shard is not None:
+            self.after_shard(len(p.shards) - 1)
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+
+
+def shard_corpus(opts: Options, after_shard: Callable[[int], None] | None = None) -> dict:
+    """Write (or finish) the shard set described by `opts`; returns the manifest.
+
+    `after_shard(i)` is called once shard i is complete and recorded (tests use it to interrupt a run).
+    """
+    jsonl_sha, jsonl_bytes, total_lines = _scan_jsonl(opts.jsonl)
+    images_root = os.path.realpath(opts.images)
+    fingerprint = {"args": opts.output_args(), "jsonl_sha256": jsonl_sha, "images": images_root}
+    progress = prepare_outdir(opts, fingerprint)
+    if progress is None:
+        print(f"{opts.out} already holds the complete output of this command; nothing to do.")
+        return mf.load_manifest(opts.out)
+    cfg = RecordConfig(images_root, os.path.basename(opts.jsonl), opts.prefix, opts.max_pixels,
+                       opts.full_decode, opts.resize_max)
+    writer = _Writer(opts, progress, after_shard)
+    bar = tqdm(total=total_lines, initial=progress.next_line, unit="line", desc=opts.prefix, disable=None)
+    try:
+        for result in ordered_map(_process_batch, cfg, _read_lines(opts.jsonl, progress), opts.workers):
+            bar.update(1)
+            if result.members is not None:
+                progress.input_records += 1
+                writer.add(result)
+            elif result.reason:
+                if opts.strict:
+                    raise ShardError(f"{opts.jsonl} line {result.line}: {result.reason}: {result.detail} "
+                                     "(drop --strict to skip and count such records instead)")
+                progress.input_records += 1
+                progress.skipped.append({"line": result.line, "reason": result.reason, "detail": result.detail})
+            else:
+                progress.blank_lines += 1
+        writer.close_shard()
+    finally:
+        writer.abort()
+        bar.close()
+    manifest = _build_manifest(opts, progress, jsonl_sha, jsonl_bytes)
+    mf.write_manifest(opts.out, manifest)
+    (Path(opts.out) / PROGRESS_NAME).unlink(missing_ok=True)  # absent when no shard was needed
+    return manifest
+
+
+def _build_manifest(opts: Options, progress: Progress, jsonl_sha: str, jsonl_bytes: int) -> dict:
+    by_reason: dict[str, int] = {}
+    for skip in progress.skipped:
+        by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
+    return {
+        "format": mf.FORMAT,
+        "tool": {"name": "data_tools.shard", "version": importlib.metadata.version("minimind-vlm-trainer")},
+        "args": opts.output_args(),
+        "source": {"jsonl": opts.jsonl, "jsonl_sha256": jsonl_sha, "jsonl_bytes": jsonl_bytes,
+                   "images": opts.images},
+        "input_records": progress.input_records,
+        "blank_lines": progress.blank_lines,
+        "total_samples": sum(entry["samples"] for entry in progress.shards),
+        "shards": progress.shards,
+        "skipped": progress.skipped,
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+    }
+
+
+def summary(manifest: dict, out: str) -> str:
+    reasons = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_by_reason"].items())
+    return (f"{manifest['input_records']} records in, {manifest['total_samples']} samples written to "
+            f"{len(manifest['shards'])} shard(s) in {out}, {len(manifest['skipped'])} skipped"
+            + (f" ({reasons})" if reasons else "") + f", {manifest['blank_lines']} blank line(s) ignored")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
+    p.add_argument("--jsonl", required=True, help="MiniMind-V JSONL file (one record per line)")
+    p.add_argument("--images", required=True, help="folder the records' image names are relative to")
+    p.add_argument("--out", required=True, help="output folder for shards, indexes and manifest.json")
+    p.add_argument("--prefix", help="shard and key prefix, [A-Za-z0-9_-] (default: the JSONL's file stem)")
+    p.add_argument("--samples-per-shard", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-shard-bytes", type=_positive, help="also start a new shard before this size")
+    p.add_argument("--workers", type=_positive, default=1, help="processes reading and checking records")
+    p.add_argument("--resize-max", type=_positive, help="shrink images whose longer side exceeds this (px)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping")
+    p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                   help=f"reject images with more pixels, without decoding them (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--full-decode", action="store_true", help="decode every image fully (slower, stricter)")
+    p.add_argument("--overwrite", action="store_true", help="delete this tool's files in --out and start over")
+    args = p.parse_args(argv)
+    prefix = args.prefix or re.sub(r"[^A-Za-z0-9_-]", "_", Path(args.jsonl).stem)[:64] or "shard"
+    if not _PREFIX.match(prefix):
+        p.error(f"--prefix {prefix!r} must be 1-64 characters from [A-Za-z0-9_-] (no dots: keys split on them)")
+    if not os.path.isfile(args.jsonl):
+        p.error(f"--jsonl {args.jsonl} is not a file")
+    if not os.path.isdir(args.images):
+        p.error(f"--images {args.images} is not a folder")
+    return Options(args.jsonl, args.images, args.out, prefix, args.samples_per_shard, args.max_shard_bytes,
+                   args.workers, args.resize_max, args.strict, args.max_pixels, args.full_decode, args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    try:
+        manifest = shard_corpus(opts)
+    except (ShardError, mf.ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(manifest, opts.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
