@@ -16,7 +16,8 @@ IMAGE_ID, IMAGE_LEN, SHAPE = 3, 4, (3, 2, 2)
 
 
 def make_sample(index: int, length: int, n_images: int = 0, labelled_from: int = 1) -> dict:
-    """Random text ids (>= 10) with `n_images` placeholder runs spread out; image j of sample i holds i*10+j."""
+    """Random text ids (>= 10) with `n_images` placeholder runs spread out; image j of sample i holds i*10+j
+    (uint8, as `ImagePreprocessor.pixels` makes them)."""
     g = torch.Generator().manual_seed(index)
     ids = torch.randint(10, 60, (length,), generator=g)
     for j in range(n_images):
@@ -26,9 +27,9 @@ def make_sample(index: int, length: int, n_images: int = 0, labelled_from: int =
     labels[:labelled_from] = IGNORE_INDEX
     labels[ids == IMAGE_ID] = IGNORE_INDEX
     pixels = (
-        torch.stack([torch.full(SHAPE, float(index * 10 + j)) for j in range(n_images)])
+        torch.stack([torch.full(SHAPE, index * 10 + j, dtype=torch.uint8) for j in range(n_images)])
         if n_images
-        else (torch.zeros((0, *SHAPE)))
+        else torch.zeros((0, *SHAPE), dtype=torch.uint8)
     )
     return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "__key__": f"s{index}"}
 
@@ -44,7 +45,7 @@ def test_pad_collate_pads_to_the_longest_rounded_up():
         assert torch.equal(batch["labels"][b, 1:n], sample["labels"][1:])
         assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (16 - n)
         assert batch["position_ids"][b, :n].tolist() == list(range(n))
-    assert batch["pixel_values"].shape == (3, 2, *SHAPE) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (3, 2, *SHAPE) and batch["pixel_values"].dtype == torch.uint8
     assert batch["image_mask"].tolist() == [[True, False], [True, True], [False, False]]
     assert (batch["pixel_values"][0, 1] == 0).all() and (batch["pixel_values"][1, 1] == 11).all()
     assert batch["num_tokens"].item() == 27
@@ -72,9 +73,16 @@ def test_text_only_batches_keep_the_image_shape():
 
 def test_mixed_image_shapes_are_refused():
     odd = make_sample(1, 8, 1)
-    odd["pixel_values"] = torch.zeros(1, 3, 4, 4)
+    odd["pixel_values"] = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="shape"):
         pad_collate([make_sample(0, 8, 1), odd], pad_id=0)
+
+
+def test_already_normalised_float_pixels_are_refused():
+    normalised = make_sample(1, 8, 1)
+    normalised["pixel_values"] = normalised["pixel_values"].float()
+    with pytest.raises(TypeError, match="uint8"):
+        pad_collate([make_sample(0, 8, 1), normalised], pad_id=0)
 
 
 def test_first_fit_is_deterministic_and_within_capacity():

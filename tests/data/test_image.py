@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 from vlm.data.errors import BadSample
-from vlm.data.image import ImageConfigError, ImagePreprocessConfig, ImagePreprocessor
+from vlm.data.image import ImageConfigError, ImagePreprocessConfig, ImagePreprocessor, PixelNormalizer
 
 MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "CMYK", "1", "I", "RGB+transparency"]
 TOLERANCE = 0.02
@@ -73,6 +73,39 @@ def test_matches_clip_image_processor(name):
         assert got.dtype == torch.float32 and got.shape == expected.shape == (3, *cfg.crop)
         diff = (got - expected).abs().max().item()
         assert diff <= TOLERANCE, f"{width}x{height} {mode}: max abs diff {diff}"
+        # The training path (uint8 from the loader, normalised later in the trainer) gives the same numbers.
+        assert torch.equal(PixelNormalizer(cfg)(ours.pixels(picture)), got)
+
+
+def test_loader_pixels_normalised_in_a_batch_equal_the_float_path_bit_for_bit():
+    cfg = CONFIGS["clip-224"]
+    ours, normalize = ImagePreprocessor(cfg), PixelNormalizer(cfg)
+    rng = random.Random(7)
+    pictures = [random_picture(rng, rng.randint(30, 300), rng.randint(30, 300), "RGB") for _ in range(6)]
+    raw = torch.stack([ours.pixels(p) for p in pictures]).view(2, 3, 3, *cfg.crop)  # (B, N, 3, H, W) uint8
+    assert raw.dtype == torch.uint8 and raw.is_contiguous()
+    batch = normalize(raw)
+    assert batch.dtype == torch.float32 and batch.shape == raw.shape
+    assert torch.equal(batch.view(6, 3, *cfg.crop), torch.stack([ours(p) for p in pictures]))
+    # Against the textbook formula in float64: float32 rounding only.
+    mean, std = torch.tensor(cfg.mean).double().view(3, 1, 1), torch.tensor(cfg.std).double().view(3, 1, 1)
+    reference = (raw.double() * cfg.rescale_factor - mean) / std
+    assert (batch.double() - reference).abs().max().item() < 1e-5
+
+
+def test_normalizer_refuses_pixels_that_are_already_float():
+    normalize = PixelNormalizer(ImagePreprocessConfig())
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(torch.zeros(1, 1, 3, 224, 224))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
+        normalize(torch.zeros(1, 4, 224, 224, dtype=torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalizing_on_the_gpu_matches_the_cpu_bit_for_bit():
+    raw = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    normalize = PixelNormalizer(ImagePreprocessConfig(shortest_edge=32, crop=(32, 32)))
+    assert torch.equal(normalize(raw.cuda()).cpu(), normalize(raw))
 
 
 def test_encoded_bytes_match_decoded_pictures():
@@ -90,7 +123,7 @@ def test_encoded_bytes_match_decoded_pictures():
 
 def test_without_center_crop_keeps_the_resized_size():
     ours = ImagePreprocessor(ImagePreprocessConfig(shortest_edge=20, do_center_crop=False))
-    assert ours(Image.new("RGB", (50, 100))).shape == (3, 40, 20)
+    assert ours(Image.new("RGB", (50, 100))).shape == ours.pixels(Image.new("RGB", (50, 100))).shape == (3, 40, 20)
     assert ours.config.output_shape is None
 
 

@@ -17,8 +17,10 @@ from tests.data.shard_fixtures import (
     write_shards,
 )
 from vlm.data import plan
-from vlm.data.pipeline import EvalLoader, TrainLoader
-from vlm.data.reader import ShardReader
+from vlm.data.errors import BadSample
+from vlm.data.image import ImagePreprocessor, PixelNormalizer
+from vlm.data.pipeline import BadSampleLog, EvalLoader, TrainLoader
+from vlm.data.reader import ShardReader, decode_members
 from vlm.data.sources import SourceError
 from vlm.tokenizer import load_tokenizer
 
@@ -76,6 +78,20 @@ def test_the_worker_count_changes_nothing_in_the_batches(uneven, tokenizer):
     assert keys_of(a) == keys_of(b) and len(set(keys_of(a))) == 24
     assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["pixel_values"], y["pixel_values"])
                for x, y in zip(a, b))  # the same batches, tensors included
+
+
+def test_workers_ship_uint8_pixels_that_normalise_to_the_float_path(tmp_path, tokenizer):
+    folder = write_shards(tmp_path / "s", [12], images_of=lambda i: i % 3)  # 0, 1 and 2 images per sample
+    loader = make([folder], tokenizer, num_workers=2, batch_size=4)
+    reader = ShardReader(loader.sources.shards)
+    by_key = {reader.key(i): i for i in range(len(reader))}
+    preprocess, normalize = ImagePreprocessor(SMALL_IMAGES), PixelNormalizer(SMALL_IMAGES)
+    for batch in loader:
+        assert batch["pixel_values"].dtype == torch.uint8
+        expected = [preprocess(data) for key in batch["keys"]
+                    for data in decode_members(*reader.read(by_key[key]))["images"]]
+        got = normalize(batch["pixel_values"])[batch["image_mask"]]  # (n_real, 3, H, W), row-major
+        assert len(expected) == len(got) > 0 and torch.equal(got, torch.stack(expected))
 
 
 def test_one_rank_accumulating_two_trains_on_the_global_batches_of_two_ranks(uneven, tokenizer):
@@ -183,6 +199,13 @@ def test_a_batch_of_only_bad_samples_is_empty_but_still_delivered(tmp_path, toke
     assert len(empty) <= 1 and sum(b["num_samples"] for b in batches) == 4
     if empty:
         assert empty[0]["input_ids"].shape == (0, 0) and empty[0]["keys"] == [] and len(empty[0]["skipped"]) == 4
+    # However the chunks fall, an all-bad micro-batch has the batch contract's keys and dtypes.
+    loader = make([folder], tokenizer, batch_size=4)
+    bad = [BadSample("image_decode", "test")] * 4
+    batch = loader.dataset().make_batch(0, bad, BadSampleLog())
+    assert batch["num_samples"] == 0 and batch["stats"]["bad"] == 4
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (0, 0, 3, 16, 16)
+    assert batch["image_mask"].dtype == torch.bool and batch["input_ids"].dtype == torch.long
 
 
 def test_eval_loader_every_sample_once_disjoint_ranks_equal_lengths(uneven, tokenizer):

@@ -119,3 +119,22 @@ def test_launcher_variables_are_understood(env, expected):
 def test_inconsistent_launcher_variables_are_reported():
     problems = launcher_problems({"RANK": "4", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "x"})
     assert any("RANK=4" in p for p in problems) and any("MASTER_PORT" in p for p in problems)
+
+
+def test_model_inputs_normalise_uint8_pixels_on_the_device_and_drop_empty_image_slots():
+    import torch
+
+    from vlm.data.image import ImagePreprocessConfig, PixelNormalizer
+    from vlm.train.stepping import model_inputs
+
+    config = ImagePreprocessConfig(shortest_edge=4, crop=(4, 4))
+    normalize = PixelNormalizer(config)
+    ids = torch.ones(1, 8, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": ids, "position_ids": ids,
+             "pixel_values": torch.full((1, 1, 3, 4, 4), 255, dtype=torch.uint8)}
+    pixels = model_inputs(batch, torch.device("cpu"), normalize)["pixel_values"]
+    expected = (1.0 - torch.tensor(config.mean)) / torch.tensor(config.std)
+    assert pixels.dtype == torch.float32
+    assert torch.allclose(pixels[0, 0, :, 0, 0], expected, atol=1e-5)
+    batch["pixel_values"] = torch.zeros((1, 0, 3, 4, 4), dtype=torch.uint8)
+    assert "pixel_values" not in model_inputs(batch, torch.device("cpu"), normalize)

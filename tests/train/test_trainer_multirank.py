@@ -164,3 +164,14 @@ def test_one_rank_with_accumulation_2_matches_two_ranks(zero_runs, synth_shards,
     assert sorted(one_rank) == sorted(two_ranks)
     for step, loss in two_ranks.items():
         assert abs(one_rank[step] - loss) <= 1e-4 * abs(loss), (step, one_rank[step], loss)
+
+
+def test_repeated_nan_losses_stop_the_run_with_a_clear_message(synth_shards, tmp_path):
+    args = base_args(synth_shards["pretrain"], tmp_path / "nan", "--learning_rate", "1e12", "--grad_clip", "0",
+                     "--max_steps", "40")
+    result = run([str(BIN / "python"), "launch/train.py", *args])
+    assert result.returncode == 1
+    assert "micro-batches in a row had a NaN/Inf loss (train.max_bad_steps=5)" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["skipped_nonfinite"] for r in records)
+    assert all(r["loss"] is None or r["loss"] == r["loss"] for r in records)  # no NaN written

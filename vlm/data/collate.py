@@ -6,7 +6,8 @@
 Sample contract (what the text and image stages produce, one dict per record):
     input_ids     (L,) long, L <= max_len; each image is a run of image_token_len placeholder ids
     labels        (L,) long, IGNORE_INDEX (-100) where no loss is taken
-    pixel_values  (n, 3, H, W) float32, one per placeholder run in order; (0, 3, H, W) for text-only
+    pixel_values  (n, 3, H, W) uint8, resized and centre-cropped but not normalised
+                  (`ImagePreprocessor.pixels`), one per placeholder run in order; (0, 3, H, W) for text-only
     __key__       str, optional: the sample's shard key, passed through for the audit log
 
 Batch contract (read by the trainer and the model's composite):
@@ -18,8 +19,10 @@ Batch contract (read by the trainer and the model's composite):
                     to. A token attends causally only to earlier tokens of the same segment. A padded
                     (unpacked) batch is the special case of one segment per row, i.e. an ordinary 1/0 mask.
     position_ids    (B, T) long, restarting at 0 at every segment start; 0 on padding.
-    pixel_values    (B, N, 3, H, W) float32, N = most images in any row. Row b's images are in the order of
-                    its placeholder runs (segment by segment); slots beyond them are zeros.
+    pixel_values    (B, N, 3, H, W) uint8, N = most images in any row. Row b's images are in the order of
+                    its placeholder runs (segment by segment); slots beyond them are zeros. Not normalised:
+                    the model takes `vlm.data.image.PixelNormalizer(config)(pixel_values)` (float32; the
+                    trainer applies it on its device, so workers ship a quarter of float32's bytes).
     image_mask      (B, N) bool, True for real images. The composite encodes pixel_values[image_mask]
                     (n_real, 3, H, W) and writes the features, row-major, at input_ids == image_token_id:
                     row-major order of the real images is the row-major order of the placeholder runs.
@@ -119,7 +122,7 @@ def _build(
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     segments = torch.zeros((batch, width), dtype=torch.long)
     positions = torch.zeros((batch, width), dtype=torch.long)
-    pixel_values = torch.zeros((batch, n_max, *image_shape), dtype=torch.float32)
+    pixel_values = torch.zeros((batch, n_max, *image_shape), dtype=torch.uint8)
     image_mask = torch.zeros((batch, n_max), dtype=torch.bool)
     for b, row in enumerate(rows):
         start, image = 0, 0
@@ -156,6 +159,11 @@ def _image_shape(samples: Sequence[dict]) -> tuple[int, ...]:
         if "pixel_values" not in s:
             raise KeyError(
                 "every sample needs 'pixel_values' (n, 3, H, W); text-only samples carry (0, 3, H, W)"
+            )
+        if s["pixel_values"].dtype != torch.uint8:
+            raise TypeError(
+                f"pixel_values must be uint8 (ImagePreprocessor.pixels), got {s['pixel_values'].dtype}: "
+                "batches carry raw pixels and the trainer normalises them once, with PixelNormalizer"
             )
         if len(s["input_ids"]) != len(s["labels"]) or len(s["input_ids"]) == 0:
             raise ValueError(

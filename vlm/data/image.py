@@ -1,15 +1,21 @@
 """Image stage: decode under a pixel limit, then CLIP preprocessing without `CLIPImageProcessor`'s overhead.
 
-    from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor
+    from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor, PixelNormalizer
     preprocess = ImagePreprocessor(ImagePreprocessConfig.from_folder("model/vision_model"))
     pixels = preprocess(jpeg_bytes)          # (3, 224, 224) float32, or raises BadSample
+    raw = preprocess.pixels(jpeg_bytes)      # (3, 224, 224) uint8: resized and cropped, not yet normalised
+    pixels = PixelNormalizer(preprocess.config)(raw.to(device))   # == preprocess(jpeg_bytes), bit for bit
 
 The output matches `transformers.CLIPImageProcessor` (PIL backend, the same PIL calls): alpha composited
 onto white, shortest side resized to `shortest_edge` with the long side truncated by `int()`, centre crop
 (zero-padded when the crop is larger than the resized image), rescale, normalise. EXIF orientation is not
 applied, as CLIPImageProcessor does not apply it either. The speed comes from skipping its per-call work
 (input validation, PIL <-> numpy round trips, float64 rescale, several transposes, BatchFeature): one PIL
-resize, one crop, and one fused transpose + scale-and-shift in torch.
+resize, one crop, one transpose, and one scale-and-shift in torch.
+
+The training loader stops at `pixels` (uint8) and the trainer normalises on its device with
+`PixelNormalizer`: a quarter of the bytes cross from the DataLoader workers (through shared memory) and the
+float work runs on the accelerator. `ImagePreprocessor.__call__` is exactly `PixelNormalizer(pixels(...))`.
 """
 
 from __future__ import annotations
@@ -164,9 +170,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class PixelNormalizer:
+    """uint8 pixels (..., 3, H, W) on any device -> float32 `(x * rescale - mean) / std`, same shape and device.
+
+    Computed as `x * scale - shift` in float32, with scale = rescale / std and shift = mean / std rounded
+    from float64 once: the same operations, in the same order, wherever it runs, so CPU and GPU results are
+    bit-identical to `ImagePreprocessor.__call__`.
+    """
+
+    def __init__(self, config: ImagePreprocessConfig):
+        self.config = config
+        std = torch.tensor(config.std, dtype=torch.float64)
+        mean = torch.tensor(config.mean, dtype=torch.float64)
+        scale = (config.rescale_factor / std).float().view(3, 1, 1)
+        shift = (mean / std).float().view(3, 1, 1)
+        self._on_device = {torch.device("cpu"): (scale, shift)}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(
+                f"PixelNormalizer takes the loader's uint8 pixel_values, got {pixels.dtype}: float pixels are "
+                "already normalised (ImagePreprocessor.__call__), do not normalise them twice"
+            )
+        if pixels.dim() < 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"pixel_values must be (..., 3, H, W), got {tuple(pixels.shape)}")
+        scale, shift = self._constants(pixels.device)
+        return pixels.to(torch.float32).mul_(scale).sub_(shift)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:  # moved once per device, not once per batch
+            scale, shift = self._on_device[torch.device("cpu")]
+            self._on_device[device] = (scale.to(device), shift.to(device))
+        return self._on_device[device]
+
+
 @dataclass
 class ImagePreprocessor:
     """Picklable callable: encoded bytes or a PIL image -> float32 tensor (3, H, W), or `BadSample`.
+
+    `pixels` stops before normalising: uint8 (3, H, W), what the training loader ships.
 
     Pictures with more than `max_pixels` pixels are refused from their header, before any decoding, and so
     are extreme aspect ratios whose shortest-edge resize would exceed `max_pixels`.
@@ -179,13 +221,14 @@ class ImagePreprocessor:
     def __post_init__(self):
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        # normalise((x * rescale - mean) / std) as one multiply-subtract: x * scale - shift, each (3, 1, 1).
-        std = torch.tensor(self.config.std, dtype=torch.float64)
-        mean = torch.tensor(self.config.mean, dtype=torch.float64)
-        self._scale = (self.config.rescale_factor / std).float().view(3, 1, 1)
-        self._shift = (mean / std).float().view(3, 1, 1)
+        self.normalizer = PixelNormalizer(self.config)
 
     def __call__(self, image: Image.Image | bytes) -> torch.Tensor:
+        """(3, H, W) float32, rescaled and normalised: what the vision encoder takes."""
+        return self.normalizer(self.pixels(image))
+
+    def pixels(self, image: Image.Image | bytes) -> torch.Tensor:
+        """Encoded bytes or a PIL image -> contiguous uint8 (3, H, W), resized and centre-cropped."""
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = self.open(image)
         self.check_size(image)
@@ -194,7 +237,8 @@ class ImagePreprocessor:
             rgb = to_rgb(image)
         except Exception as err:  # a corrupt file can raise almost anything from a PIL plugin
             raise BadSample("image_decode", repr(err)) from err
-        return self.normalise(self.resize_and_crop(rgb))
+        hwc = torch.from_numpy(self.resize_and_crop(rgb))  # (H, W, 3)
+        return hwc.permute(2, 0, 1).contiguous()  # (3, H, W)
 
     def open(self, data: bytes) -> Image.Image:
         """Open encoded bytes lazily (header only) and check the pixel limit before decoding."""
@@ -233,13 +277,6 @@ class ImagePreprocessor:
         if top >= 0 and left >= 0:
             return np.array(resized.crop((left, top, left + crop_w, top + crop_h)))
         return _pad_crop(np.asarray(resized), crop_h, crop_w)
-
-    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float32 (3, H, W), rescaled and normalised."""
-        height, width, _ = pixels.shape
-        out = torch.empty((3, height, width), dtype=torch.float32)
-        out.copy_(torch.from_numpy(pixels).permute(2, 0, 1))  # one pass: transpose + cast
-        return out.mul_(self._scale).sub_(self._shift)
 
 
 def _pad_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

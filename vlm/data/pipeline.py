@@ -17,8 +17,10 @@ the epoch: the `micro_step` of the last consumed batch + 1; prefetched batches d
 Stages (`loader.stages`, each a picklable callable on a sample dict that may raise `BadSample`):
 read (seek into the tar; exact mode only) -> decode (allow-list, `vlm.data.reader`) -> text (chat template,
 labels; before images, so a sample rejected for length costs no image decoding) -> images (CLIP
-preprocessing under a pixel limit) -> collate (`dynamic`: pad to the longest, multiple of 8; `pack`: the
-micro-batch's samples first-fit into rows of max_seq_len; `max_len`: pad to max_seq_len).
+resize and centre crop under a pixel limit, kept uint8) -> collate (`dynamic`: pad to the longest, multiple
+of 8; `pack`: the micro-batch's samples first-fit into rows of max_seq_len; `max_len`: pad to max_seq_len).
+`pixel_values` leave the loader as uint8 (a quarter of float32's bytes through the workers' shared memory);
+the trainer normalises them on its device with `vlm.data.image.PixelNormalizer`.
 
 Every batch dict (see `vlm.data.collate` for the tensors) also carries `num_samples`, `keys` (for the audit
 log), `skipped` ([key, reason] of the bad samples), `epoch`, `micro_step` and `stats`
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -97,16 +100,17 @@ class EncodeText:
 
 @dataclass
 class PreprocessImages:
-    """Stage `images`: encoded images -> "pixel_values" (n, 3, H, W); (0, 3, H, W) for text-only samples."""
+    """Stage `images`: encoded images -> "pixel_values" uint8 (n, 3, H, W), resized and cropped, not normalised
+    (the trainer normalises on its device with `PixelNormalizer`); (0, 3, H, W) for text-only samples."""
 
     preprocessor: ImagePreprocessor
 
     def __call__(self, sample: dict) -> dict:
         images = sample.pop("images")
         if images:
-            sample["pixel_values"] = torch.stack([self.preprocessor(data) for data in images])
+            sample["pixel_values"] = torch.stack([self.preprocessor.pixels(data) for data in images])
         else:
-            sample["pixel_values"] = torch.zeros((0, *self.preprocessor.config.output_shape))
+            sample["pixel_values"] = torch.zeros((0, *self.preprocessor.config.output_shape), dtype=torch.uint8)
         return sample
 
 
@@ -301,9 +305,18 @@ class BatchStream(IterableDataset):
         """A batch of zero rows (every sample of the micro-batch was bad), with the usual keys and dtypes."""
         rows = torch.zeros((0, 0), dtype=torch.long)
         return {"input_ids": rows, "labels": rows.clone(), "attention_mask": rows.clone(),
-                "position_ids": rows.clone(), "pixel_values": torch.zeros((0, 0, *self.image_shape)),
+                "position_ids": rows.clone(),
+                "pixel_values": torch.zeros((0, 0, *self.image_shape), dtype=torch.uint8),
                 "image_mask": torch.zeros((0, 0), dtype=torch.bool), "num_tokens": torch.tensor(0),
                 "num_label_tokens": torch.tensor(0), "keys": []}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers outlive SIGTERM/SIGUSR1. SLURM signals every process of a job (preemption, scancel,
+    time limit); torch's workers would die of it and abort the main process before it could checkpoint.
+    The main process shuts its workers down itself once it has saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _Loader:
@@ -317,7 +330,8 @@ class _Loader:
     def _iterate(self, dataset: BatchStream) -> Iterator[dict]:
         # batch_size=None: the dataset yields whole micro-batches; DataLoader only runs and orders the workers.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False, prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            persistent_workers=False, prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self.monitor.update(batch["stats"])
             yield batch

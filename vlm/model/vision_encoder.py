@@ -45,7 +45,9 @@ def tiny_vision_config(**overrides) -> CLIPVisionConfig:
 def write_tiny_vision_encoder(folder: str | Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised tiny CLIP vision tower + its preprocessor config to `folder`."""
     config = tiny_vision_config(**overrides)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModel(config)
     size = config.image_size
     processor = CLIPImageProcessorPil(  # the PIL flavour of CLIPImageProcessor: same file, no torchvision
         size={"shortest_edge": size},
@@ -53,7 +55,7 @@ def write_tiny_vision_encoder(folder: str | Path, seed: int = 0, **overrides) ->
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
-    return save_vision_encoder(CLIPVisionModel(config), folder, processor)
+    return save_vision_encoder(encoder, folder, processor)
 
 
 def save_vision_encoder(encoder: CLIPVisionModel, folder: str | Path, processor=None) -> Path:

@@ -41,6 +41,9 @@ def _free_port() -> int:
 def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: int | None = None) -> DistEnv:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_* for one process) from whichever launcher started us."""
     env = os.environ if env is None else env
+    pid, _, seen = env.get("VLM_LAUNCHER", "").partition(":")
+    if pid == str(os.getpid()):  # already normalised in this process (children inherit env, not this marker's pid)
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), seen)
     launcher = "deepspeed/torchrun"
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
@@ -59,6 +62,7 @@ def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: i
         env["LOCAL_RANK"] = str(local_rank_flag if local_rank_flag is not None else 0)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
+    env["VLM_LAUNCHER"] = f"{os.getpid()}:{launcher}"
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
 
 

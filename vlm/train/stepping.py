@@ -5,6 +5,9 @@ micro-batch whose loss is NaN/Inf on ANY rank (agreed by an all-reduce) is repla
 zero-weight backward through a one-row dummy batch: its gradient contribution is exactly zero, DeepSpeed's
 accumulation counters and hooks run as usual, and the bad activations never reach the weights. An empty
 micro-batch (all of its samples were bad) takes the same zero-weight path.
+
+Loader batches carry uint8 `pixel_values`; `model_inputs` moves them to the device first and normalises
+them there with the `PixelNormalizer` the trainer builds from the encoder's preprocessor config.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from vlm.data.image import PixelNormalizer
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
 
@@ -31,11 +36,14 @@ def _all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def model_inputs(batch: dict, device: torch.device) -> dict:
+def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNormalizer) -> dict:
+    """The model's keyword arguments on `device`; uint8 pixel_values (B, N, 3, H, W) become float32 there."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.shape[1] == 0:  # no image in any row
         inputs.pop("pixel_values")
+    elif pixels is not None:
+        inputs["pixel_values"] = normalize_pixels(pixels)  # (B, N, 3, H, W) float32
     return inputs
 
 
@@ -51,13 +59,15 @@ def _zero_weight_backward(engine, device: torch.device) -> None:
     engine.step()
 
 
-def run_micro_batch(engine, batch: dict, device: torch.device) -> StepResult:
+def run_micro_batch(
+    engine, batch: dict, device: torch.device, normalize_pixels: PixelNormalizer
+) -> StepResult:
     """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries)."""
     if int(batch["num_samples"]) == 0:
         _all_ranks_true(True, device)  # keep the all-reduce sequence identical on every rank
         _zero_weight_backward(engine, device)
         return StepResult(None, False)
-    out = engine(**model_inputs(batch, device))
+    out = engine(**model_inputs(batch, device, normalize_pixels))
     loss = out.loss.float() + out.aux_loss.float()
     if not _all_ranks_true(bool(torch.isfinite(loss).item()), device):
         del out, loss  # drop the graph with the bad activations
@@ -69,7 +79,9 @@ def run_micro_batch(engine, batch: dict, device: torch.device) -> StepResult:
 
 
 @torch.no_grad()
-def evaluate_loss(engine, loader, device: torch.device, world_size: int) -> float:
+def evaluate_loss(
+    engine, loader, device: torch.device, world_size: int, normalize_pixels: PixelNormalizer
+) -> float:
     """Token-weighted mean loss over the eval loader, across ranks (ranks with fewer batches run dummies)."""
     import deepspeed.comm as dist
 
@@ -83,7 +95,7 @@ def evaluate_loss(engine, loader, device: torch.device, world_size: int) -> floa
         if batch is None or int(batch["num_samples"]) == 0:
             engine(**_dummy_inputs(engine, device))  # ZeRO-3 gathers weights collectively in forward
             continue
-        out = engine(**model_inputs(batch, device))
+        out = engine(**model_inputs(batch, device, normalize_pixels))
         tokens = int(batch["num_label_tokens"])
         total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64, device=device)
     if world_size > 1:

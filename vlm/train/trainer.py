@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from vlm.build import Built, build
 from vlm.config import Config, validate_config
+from vlm.data.image import PixelNormalizer
 from vlm.data.pipeline import build_eval_loader, build_train_loader
+from vlm.doctor import check_at_startup
 from vlm.train import checkpoint as ckpt
 from vlm.train.audit import SampleAudit
 from vlm.train.distributed import (
@@ -54,6 +56,7 @@ class Trainer:
         self.cfg, self.built, self.engine = cfg, built, engine
         self.loader, self.eval_loader = loader, eval_loader
         self.env, self.device = dist_env, device
+        self.normalize_pixels = PixelNormalizer(built.image_config)  # loader pixels are uint8 (vlm.data.collate)
         self.out_dir = Path(cfg.train.out_dir)
         self.is_main = dist_env.rank == 0
         self.step = start.get("step", 0)
@@ -89,7 +92,7 @@ class Trainer:
         fetch_start = time.perf_counter()
         for batch in self.loader:
             wait = time.perf_counter() - fetch_start
-            result = run_micro_batch(self.engine, batch, self.device)
+            result = run_micro_batch(self.engine, batch, self.device, self.normalize_pixels)
             self._account(batch, result, wait)
             consumed = batch["micro_step"] + 1
             if self.audit is not None:
@@ -117,7 +120,7 @@ class Trainer:
             if self.bad_in_row >= self.cfg.train.max_bad_steps:
                 raise TrainingError(
                     f"{self.bad_in_row} micro-batches in a row had a NaN/Inf loss (train.max_bad_steps="
-                    f"{self.cfg.train.max_bad_steps}); lower train.learning_rate or use dtype bfloat16/float32"
+                    f"{self.cfg.train.max_bad_steps}); lower train.learning_rate, set train.grad_clip, or check the data"
                 )
         elif result.loss is not None:
             self.bad_in_row = 0
@@ -157,7 +160,7 @@ class Trainer:
         stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=self.device)
         if self.env.world_size > 1:
             dist.all_reduce(stats)
-        mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+        mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else None  # None: every micro-batch was skipped
         summary = self.timer.summary(self.env.world_size, self.peak_flops)
         remaining = self.total_steps - self.step
         elapsed = time.perf_counter() - self.timer.start
@@ -174,7 +177,7 @@ class Trainer:
         self.metrics.write(record)
         if self.is_main:
             tqdm.write(
-                f"step {self.step}/{self.total_steps} loss {mean_loss:.4f} lr {record['lr']:.2e} "
+                f"step {self.step}/{self.total_steps} loss {_fmt(mean_loss)} lr {record['lr']:.2e} "
                 f"tok/s {record['tokens_per_s']:.0f} data-wait {record['data_wait_share']:.0%}"
             )
         self.window.clear()
@@ -195,7 +198,8 @@ class Trainer:
             return None
         from vlm.train.stepping import evaluate_loss
 
-        loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.env.world_size)
+        loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.env.world_size,
+                             self.normalize_pixels)
         self.metrics.write({"step": self.step, "epoch": self.loader.epoch, "eval_loss": loss})
         if self.is_main:
             tqdm.write(f"step {self.step} eval loss {loss:.4f}")
@@ -215,6 +219,10 @@ class Trainer:
             tqdm.write(f"checkpoint {path}")
 
 
+def _fmt(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.4f}"
+
+
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -230,6 +238,7 @@ def run(cfg: Config) -> int:
     """Set everything up and train; returns the exit code."""
     validate_config(cfg)  # every config problem, before any process group or model exists
     env = init_distributed()
+    check_at_startup(cfg, env.world_size, env.rank, device_for_rank(env.local_rank, cfg.train.device))
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
