@@ -9,6 +9,7 @@ DATASET ?= dataset
 SHARDS ?= data/shards
 SHARD_FLAGS ?=
 SYNTH_FLAGS ?=
+DEMO_FLAGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint bench synth-data shard-data demo clean
@@ -44,8 +45,8 @@ shard-data: install ## Shard $(DATASET)/{pretrain,sft}_* into $(SHARDS)/{pretrai
 	$(PY) -m data_tools.shard --jsonl $(DATASET)/pretrain_data.jsonl --images $(DATASET)/pretrain_images --out $(SHARDS)/pretrain --prefix pretrain $(SHARD_FLAGS)
 	$(PY) -m data_tools.shard --jsonl $(DATASET)/sft_data.jsonl --images $(DATASET)/sft_images --out $(SHARDS)/sft --prefix sft $(SHARD_FLAGS)
 
-demo: install ## End-to-end demo on the built-in synthetic corpus (not built yet)
-	@echo "make demo is not built yet (issue 7); run 'make test' to check the installation." ; exit 2
+demo: install ## The whole job offline: synthetic corpus -> shards -> pretrain -> SFT -> export -> eval (out/demo/)
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m vlm.demo $(DEMO_FLAGS)
 
 clean: ## Remove caches and build outputs (keeps .venv, dataset/ and data/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,134 @@
+"""vlm.eval: scoring against ground truth, the teacher-forced loss, record reading, every checkpoint kind."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from data_tools.synth import build_record
+from tests.tiny_vlm import DIM, LAYERS, save_tiny_vlm
+from vlm import eval as vlm_eval
+from vlm.data.collate import pad_collate
+from vlm.eval import EvalRecord, records_from_jsonl, records_from_shards, scored_report
+from vlm.inference import CheckpointKindError, checkpoint_kind, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_vision_dir):
+    return save_tiny_vlm(tiny_vision_dir, tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny):
+    return load_model(tiny[0])
+
+
+def _record(index: int) -> EvalRecord:
+    record, _ = build_record("eval", index, seed=0)
+    return EvalRecord(f"r{index}", record["conversations"], [], [record["image"]], record["truth"])
+
+
+def test_scoring_a_hand_made_record_counts_colour_and_kind_by_split():
+    single, multi = _record(0), _record(1)
+    assert single.truth["count"] == 1 and multi.truth["count"] > 1
+    shape = single.truth["shapes"][0]
+    other = "blue" if shape["colour"] != "blue" else "red"
+    wrong_colour = single.truth["answer"].replace(f" {shape['colour']} ", f" {other} ")
+    report = scored_report([single, single, multi], [single.truth["answer"], wrong_colour, "No idea."])
+
+    assert report["accuracy"] == pytest.approx(0.5)
+    assert report["multi_shape_accuracy"] == 0.0
+    single_scores = report["scores"]["single"]
+    assert single_scores["n"] == 2 and single_scores["kind"] == 1.0 and single_scores["colour"] == 0.5
+    assert single_scores["exact"] == 0.5 and single_scores["position"] == 1.0
+    assert [row["right"] for row in report["answers"]] == [True, False, False]
+    assert report["answers"][1]["scores"]["kind"] and not report["answers"][1]["scores"]["colour"]
+    assert report["scores"]["all"]["n"] == 3
+
+
+def test_teacher_forced_loss_is_the_token_weighted_mean_over_replies(vlm, synth_shards):
+    records, _ = records_from_shards(synth_shards["sft"])
+    records = records[:6]  # multi-turn, one or two pictures, or none
+    got = vlm_eval.teacher_forced_loss(vlm, records, batch_size=4, progress=False)
+
+    total, tokens = 0.0, 0
+    for record in records:  # one record at a time, no padding
+        sample = vlm.encoder.encode(record.conversations, len(record.images))
+        sample["pixel_values"] = torch.stack([vlm.preprocess.pixels(x) for x in record.images] or
+                                             [torch.zeros((3, 32, 32), dtype=torch.uint8)])[: len(record.images)]
+        batch = pad_collate([sample], vlm.model.config.pad_token_id, multiple_of=1)
+        pixels = torch.stack([vlm.preprocess(x) for x in record.images])[None] if record.images else None
+        with torch.no_grad():
+            loss = vlm.model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=pixels).loss
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total, tokens = total + float(loss) * n, tokens + n
+    assert got["label_tokens"] == tokens
+    assert got["loss"] == pytest.approx(total / tokens, rel=1e-4)
+    assert got["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-4)
+    assert math.log(len(vlm.tokenizer)) - 1.5 < got["loss"] < math.log(len(vlm.tokenizer)) + 1.5  # random init
+
+
+def test_jsonl_and_shards_give_the_same_records_with_truth(synth_shards):
+    dataset = synth_shards["dataset"]
+    from_jsonl, skipped = records_from_jsonl(dataset / "eval_data.jsonl", dataset / "eval_images")
+    from_shards, _ = records_from_shards(synth_shards["eval"])
+    assert not skipped and len(from_jsonl) == len(from_shards) == 24
+    for a, b in zip(from_jsonl, from_shards):
+        assert a.truth == b.truth and a.truth is not None
+        assert a.conversations == b.conversations and a.names == b.names and a.images == b.images
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(vlm, synth_shards):
+    records, _ = records_from_shards(synth_shards["eval"])
+    records = records[:5]
+    batched = vlm_eval.greedy_answers(vlm, records, batch_size=4, max_new_tokens=6, progress=False)
+    from vlm.inference import GenerationSettings
+
+    alone = [vlm.generate(vlm_eval.answer_prompt(r), r.images, GenerationSettings(max_new_tokens=6)) for r in records]
+    assert batched == alone
+    assert vlm_eval.answer_prompt(records[0]) == records[0].conversations[:1]
+
+
+def test_cli_writes_a_json_report(tiny, synth_shards, tmp_path, capsys):
+    dataset = synth_shards["dataset"]
+    out = tmp_path / "report.json"
+    code = vlm_eval.main(["--checkpoint", str(tiny[0]), "--data", str(dataset / "eval_data.jsonl"), "--images",
+                          str(dataset / "eval_images"), "--out", str(out), "--limit", "4", "--max_new_tokens", "4"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["records"] == 4 and report["scores"]["all"]["n"] == 4
+    assert {"loss", "perplexity", "accuracy", "multi_shape_accuracy"} <= report.keys()
+    assert len(report["answers"]) == 4 and report["answers"][0]["truth"]
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(report["loss"])
+
+
+def test_cli_on_shards_and_missing_images_flag(tiny, synth_shards, capsys):
+    assert vlm_eval.main(["--checkpoint", str(tiny[0]), "--shards", str(synth_shards["eval"]), "--limit", "2",
+                          "--max_new_tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 2
+    with pytest.raises(SystemExit):
+        vlm_eval.main(["--checkpoint", str(tiny[0]), "--data", "x.jsonl"])
+    assert "--images" in capsys.readouterr().err
+
+
+def test_a_minimind_pth_loads_with_flags_and_gives_the_same_logits(tiny, tiny_vision_dir, vlm):
+    folder, pth = tiny
+    assert checkpoint_kind(folder) == "hf" and checkpoint_kind(pth) == "minimind"
+    with pytest.raises(CheckpointKindError, match="--vision_model"):
+        load_model(pth)
+    from_pth = load_model(pth, vision_model=str(tiny_vision_dir), dim=DIM, n_layers=LAYERS)
+    ids = vlm.prompt_ids([{"role": "user", "content": "<image>\nDescribe the shapes."}], 1)[None]
+    pixels = torch.randn(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        a = vlm.model(input_ids=ids, pixel_values=pixels).logits
+        b = from_pth.model(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=0)  # the .pth holds fp16 weights
+
+
+def test_an_unknown_checkpoint_is_refused_with_the_kinds_named(tmp_path):
+    with pytest.raises(CheckpointKindError, match="exported folder"):
+        checkpoint_kind(tmp_path)
+    assert vlm_eval.main(["--checkpoint", str(tmp_path), "--shards", str(tmp_path)]) == 2
