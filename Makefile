@@ -45,7 +45,7 @@ shard-data: install ## Shard $(DATASET)/{pretrain,sft}_* into $(SHARDS)/{pretrai
 	$(PY) -m data_tools.shard --jsonl $(DATASET)/pretrain_data.jsonl --images $(DATASET)/pretrain_images --out $(SHARDS)/pretrain --prefix pretrain $(SHARD_FLAGS)
 	$(PY) -m data_tools.shard --jsonl $(DATASET)/sft_data.jsonl --images $(DATASET)/sft_images --out $(SHARDS)/sft --prefix sft $(SHARD_FLAGS)
 
-demo: install ## The whole job offline: synthetic corpus -> shards -> pretrain -> SFT -> export -> eval (out/demo/)
+demo: install ## The whole job offline: synthetic corpus -> shards -> vision -> pretrain -> SFT -> export -> eval (out/demo/)
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m vlm.demo $(DEMO_FLAGS)
 
 clean: ## Remove caches and build outputs (keeps .venv, dataset/ and data/)

@@ -65,7 +65,14 @@ def test_trainer_arguments_follow_the_settings(tmp_path):
     paths = DemoPaths(tmp_path / "d", tmp_path / "o")
     settings = demo.DemoSettings(sft_steps=7, train_args=["--train.learning_rate=1e-4"])
     args = train_args("sft", paths, settings)
-    assert args[args.index("--train_shards") + 1] == str(paths.shards("sft"))
+    # SFT mixes in the caption pairs, as demo_sft.yaml does (its train_weights then match)
+    assert args[args.index("--train_shards") + 1] == f"{paths.shards('sft')},{paths.shards('pretrain')}"
+    pretrain_args = train_args("pretrain", paths, settings)
+    assert pretrain_args[pretrain_args.index("--train_shards") + 1] == str(paths.shards("pretrain"))
+    assert f"--model.vision_model={paths.vision}" in pretrain_args
+    assert not any(a.startswith("--model.vision_model") for a in train_args("sft", paths, settings))
+    settings.vision_steps = 0  # no vision stage: pretraining starts from the YAML's random tiny encoder
+    assert not any(a.startswith("--model.vision_model") for a in train_args("pretrain", paths, settings))
     assert args[args.index("--max_steps") + 1] == "7" and args[-1] == "--train.learning_rate=1e-4"
     assert f"--model.init_weights={paths.out / 'pretrain' / 'export'}" in args
     assert "--max_steps" not in train_args("pretrain", paths, settings)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 CONFIGS = REPO / "launch" / "configs"
-STAGES = ("corpus", "shards", "pretrain", "sft", "export", "eval")
+STAGES = ("corpus", "shards", "vision", "pretrain", "sft", "export", "eval")
 SPLITS = ("pretrain", "sft", "eval")
 _BAR = re.compile(r"train:.*?(\d+)/(\d+) \[")
 _LOG_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.naif]+)|eval loss ([0-9.naif]+)")
@@ -55,6 +55,11 @@ class DemoPaths:
         return self.out / stage
 
     @property
+    def vision(self) -> Path:
+        """The vision encoder taught by the `vision` stage (a CLIP folder the pretrain stage starts from)."""
+        return self.out / "vision_model"
+
+    @property
     def export(self) -> Path:
         return self.stage_out("sft") / "export"
 
@@ -79,7 +84,8 @@ class DemoPaths:
         return self.dataset / "eval_images"
 
     def listing(self) -> dict[str, str]:
-        return {"dataset": str(self.dataset), "shards": str(self.data / "shards"), "export": str(self.export),
+        return {"dataset": str(self.dataset), "shards": str(self.data / "shards"), "vision_model": str(self.vision),
+                "export": str(self.export),
                 "minimind_pth": str(self.minimind), "loss_plot": str(self.loss_plot),
                 "loss_plots": [str(self.stage_out(s) / "loss.png") for s in ("pretrain", "sft")],
                 "eval_json": str(self.eval_json), "report": str(self.report)}
@@ -144,13 +150,16 @@ def train_args(stage: str, paths: DemoPaths, settings: DemoSettings) -> list[str
     """Trainer flags for one stage: the demo YAML, with paths and sizes from the demo's settings."""
     epochs = settings.pretrain_epochs if stage == "pretrain" else settings.sft_epochs
     steps = settings.pretrain_steps if stage == "pretrain" else settings.sft_steps
+    sources = [paths.shards(stage)] + ([paths.shards("pretrain")] if stage == "sft" else [])  # as the YAMLs
     args = ["--config", str(CONFIGS / f"demo_{stage}.yaml"), "--out_dir", str(paths.stage_out(stage)),
-            "--train_shards", str(paths.shards(stage)), "--seed", str(settings.seed), "--epochs", str(epochs),
+            "--train_shards", ",".join(map(str, sources)), "--seed", str(settings.seed), "--epochs", str(epochs),
             "--batch_size", str(settings.batch_size), "--dtype", settings.dtype,
             "--num_workers", str(settings.num_workers), "--log_interval", str(settings.log_interval),
             "--resume", "never"]
     if steps is not None:
         args += ["--max_steps", str(steps)]
+    if stage == "pretrain" and settings.vision_steps > 0:
+        args.append(f"--model.vision_model={paths.vision}")
     if stage == "sft":
         args += ["--eval_shards", str(paths.shards("eval")),
                  f"--model.init_weights={paths.stage_out('pretrain') / 'export'}"]
@@ -201,6 +210,18 @@ def _follow(line: str, bar: tqdm, log: Any) -> None:
         bar.set_postfix_str(f"loss {logged.group(3)}")
     elif logged:
         bar.set_postfix_str(f"eval loss {logged.group(4)}")
+
+
+def teach_vision(paths: DemoPaths, settings: DemoSettings) -> dict | None:
+    """The `vision` stage (see vlm.demo_vision); None when --vision_steps is 0."""
+    if settings.vision_steps <= 0:
+        return None
+    from vlm.demo_vision import train_vision_encoder
+
+    if paths.vision.is_dir():
+        shutil.rmtree(paths.vision)
+    return train_vision_encoder(paths.shards("pretrain"), paths.shards("eval"), paths.vision,
+                                steps=settings.vision_steps, batch_size=settings.batch_size, seed=settings.seed)
 
 
 def export_minimind(paths: DemoPaths) -> None:
