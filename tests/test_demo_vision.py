@@ -30,7 +30,7 @@ def test_training_lowers_the_loss_and_saves_an_encoder_the_trainer_can_load(synt
     folder = tmp_path / "vision_model"
     result = train_vision_encoder(synth_shards["pretrain"], synth_shards["eval"], folder, steps=40, batch_size=16,
                                   warmup_steps=5, progress=False)
-    assert result["pictures"] > 50 and result["steps"] == 40
+    assert result["pictures"] > 50 and result["steps"] == 40 and result["skipped"] == {}
     assert result["loss_last"] < result["loss_first"]
     held = result["held_out"]
     assert held["pictures"] > 0 and all(0.0 <= held[k] <= 1.0 for k in ("kind", "position", "size"))

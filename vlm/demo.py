@@ -132,7 +132,8 @@ def print_summary(report: dict, paths: DemoPaths) -> None:
     if vision:
         held = vision["held_out"]
         print(f"vision stage ({vision['steps']} steps on {vision['pictures']} pretrain pictures), held-out: "
-              + "  ".join(f"{k} {_fmt(held[k])}" for k in ("kind", "colour", "position", "size")))
+              + "  ".join(f"{k} {_fmt(held[k])}" for k in ("kind", "colour", "position", "size"))
+              + (f"   unreadable samples skipped: {vision['skipped']}" if vision["skipped"] else ""))
     print(f"loss curves: {paths.loss_plot} (per stage: {paths.stage_out('pretrain') / 'loss.png'}, "
           f"{paths.stage_out('sft') / 'loss.png'})")
     print(f"weights: {paths.export} (Hugging Face folder), {paths.minimind} (MiniMind-V .pth)")

@@ -47,10 +47,12 @@ def one_shape_labels(caption: str) -> list[int] | None:
     return [IGNORE if shape[name] is None else values.index(shape[name]) for name, values in ATTRIBUTES.items()]
 
 
-def labelled_pictures(shards: str | Path, preprocess: ImagePreprocessor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 pixels (N, 3, H, W) and labels (N, 4) of the one-shape, one-picture records of a shard folder."""
+def labelled_pictures(shards: str | Path, preprocess: ImagePreprocessor
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """uint8 pixels (N, 3, H, W) and labels (N, 4) of the one-shape, one-picture records of a shard folder,
+    and the samples the reader skipped as unreadable, by reason."""
     pixels, labels = [], []
-    records, _ = records_from_shards(shards)
+    records, skipped = records_from_shards(shards)
     for record in records:
         replies = [m["content"] for m in record.conversations if m["role"] == "assistant"]
         found = one_shape_labels(replies[0]) if len(record.images) == 1 and replies else None
@@ -59,7 +61,7 @@ def labelled_pictures(shards: str | Path, preprocess: ImagePreprocessor) -> tupl
             labels.append(found)
     if not pixels:
         raise ValueError(f"{shards} holds no one-shape caption records to teach the vision encoder with")
-    return torch.stack(pixels), torch.tensor(labels)
+    return torch.stack(pixels), torch.tensor(labels), dict(skipped)
 
 
 class AttributeHeads(torch.nn.Module):
@@ -91,8 +93,9 @@ def train_vision_encoder(train_shards: str | Path, eval_shards: str | Path, fold
                          progress: bool = True) -> dict:
     """Train a fresh tiny encoder and save it as a CLIP folder in `folder`.
 
-    Returns the number of pictures, the mean loss of the first and last tenth of the steps, and the accuracy of
-    each attribute on the one-shape pictures of `eval_shards` (held out: never trained on).
+    Returns the number of pictures (and of unreadable samples skipped, by reason), the mean loss of the first
+    and last tenth of the steps, and the accuracy of each attribute on the one-shape pictures of `eval_shards`
+    (held out: never trained on).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
@@ -100,7 +103,7 @@ def train_vision_encoder(train_shards: str | Path, eval_shards: str | Path, fold
     write_tiny_vision_encoder(folder, seed=seed)  # random init + preprocessor config, as the trainer would
     encoder = load_vision_encoder(folder).requires_grad_(True).train()
     preprocess = ImagePreprocessor(ImagePreprocessConfig.from_folder(folder))
-    pixels, labels = labelled_pictures(train_shards, preprocess)
+    pixels, labels, skipped = labelled_pictures(train_shards, preprocess)
     heads = AttributeHeads(encoder.config.hidden_size)
     params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
@@ -122,7 +125,7 @@ def train_vision_encoder(train_shards: str | Path, eval_shards: str | Path, fold
             bar.set_postfix_str(f"loss {losses[-1]:.4f}")
     save_vision_encoder(encoder.eval(), folder)
     window = max(1, steps // 10)
-    return {"pictures": len(pixels), "steps": steps,
+    return {"pictures": len(pixels), "skipped": skipped, "steps": steps,
             "loss_first": round(sum(losses[:window]) / window, 4),
             "loss_last": round(sum(losses[-window:]) / window, 4),
             "held_out": _held_out_accuracy(encoder, heads, preprocess, eval_shards)}
@@ -137,7 +140,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 @torch.no_grad()
 def _held_out_accuracy(encoder, heads: AttributeHeads, preprocess: ImagePreprocessor, shards) -> dict:
-    pixels, labels = labelled_pictures(shards, preprocess)
+    pixels, labels, skipped = labelled_pictures(shards, preprocess)
     logits = torch.cat([heads(encode_images(encoder, preprocess.normalizer(chunk))) for chunk in pixels.split(256)])
-    return {"pictures": len(pixels), **{k: None if v is None else round(v, 4)
+    return {"pictures": len(pixels), "skipped": skipped, **{k: None if v is None else round(v, 4)
                                         for k, v in heads.accuracy(logits, labels).items()}}
