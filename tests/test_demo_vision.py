@@ -46,3 +46,15 @@ def test_bad_settings_and_a_corpus_without_one_shape_captions_are_clear_errors(s
         train_vision_encoder(synth_shards["pretrain"], synth_shards["eval"], tmp_path / "v", steps=0)
     with pytest.raises(ValueError, match="no one-shape caption records"):
         train_vision_encoder(TINY_SHARDS, synth_shards["eval"], tmp_path / "v", steps=2, progress=False)
+
+
+def test_the_demo_stage_turns_a_corpus_without_labels_into_a_stage_error(tmp_path):
+    from vlm.demo import DemoSettings
+    from vlm.demo_stages import DemoPaths, StageError, teach_vision
+
+    paths = DemoPaths(tmp_path / "data", tmp_path / "out")
+    paths.shards("pretrain").parent.mkdir(parents=True)
+    paths.shards("pretrain").symlink_to(TINY_SHARDS.resolve(), target_is_directory=True)
+    with pytest.raises(StageError, match="--vision_steps 0"):
+        teach_vision(paths, DemoSettings(vision_steps=2, batch_size=2))
+    assert teach_vision(paths, DemoSettings(vision_steps=0)) is None

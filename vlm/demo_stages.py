@@ -220,8 +220,11 @@ def teach_vision(paths: DemoPaths, settings: DemoSettings) -> dict | None:
 
     if paths.vision.is_dir():
         shutil.rmtree(paths.vision)
-    return train_vision_encoder(paths.shards("pretrain"), paths.shards("eval"), paths.vision,
-                                steps=settings.vision_steps, batch_size=settings.batch_size, seed=settings.seed)
+    try:
+        return train_vision_encoder(paths.shards("pretrain"), paths.shards("eval"), paths.vision,
+                                    steps=settings.vision_steps, batch_size=settings.batch_size, seed=settings.seed)
+    except ValueError as err:  # no one-shape captions to learn from: say so instead of a traceback
+        raise StageError(f"vision stage: {err} (or run with --vision_steps 0)") from err
 
 
 def export_minimind(paths: DemoPaths) -> None:
