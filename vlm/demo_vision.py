@@ -2,15 +2,15 @@
 
 Real runs start from a pretrained CLIP ViT. The offline demo cannot download one, and a vision encoder that
 learns only through the language model's caption loss learns shape kinds slowly: measured on 2 cores with
-every parameter trainable, colour 0.98 but kind 0.46 on held-out one-shape pictures after 500 pretrain
-steps on 16000 fresh captions (0.57 after 1250 steps on 4000 repeated ones; the learning rates, widths,
-depths and batch sizes tried all plateaued like this). Trained directly on the attributes of one-shape pictures, the same
+every parameter trainable, colour 0.98 but kind 0.46 on held-out one-shape pictures after 500 pretrain steps
+on 16000 fresh captions (0.57 after 1250 steps on 4000 repeated ones; the learning rates, widths, depths and
+batch sizes tried all plateaued like this). Trained directly on the attributes of one-shape pictures, the same
 encoder reaches kind 0.97-0.99 in 1000 steps (about 75 s). So this stage trains the encoder to name the kind,
 colour, position and size of the pretrain split's one-shape pictures, read back from their captions with
-`data_tools.synth.parse_description` (no held-out picture is used for training), through a linear head on
-its mean-pooled patch features: the same features the projector reads later. The head is thrown away; the
-encoder is saved as a CLIP folder, and both VLM stages start from it and keep training it (every
-parameter stays trainable). With it, the same 500 pretrain steps give kind 0.79 instead of 0.46.
+`data_tools.synth.parse_description` (no held-out picture is used for training), through a linear head on its
+mean-pooled patch features: the same features the projector reads later. The head is thrown away; the encoder
+is saved as a CLIP folder, and both VLM stages start from it and keep training it (every parameter stays
+trainable). With it, the same 500 pretrain steps give kind 0.79 instead of 0.46.
 """
 
 from __future__ import annotations
