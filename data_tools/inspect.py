@@ -26,8 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_tools import manifest as mf
-from data_tools.validate import ALLOWED_FORMATS, IMAGE_TOKEN
+from vlm.formats import manifest as mf
+from vlm.formats.constants import IMAGE_FORMATS, IMAGE_TAG
 
 IMAGE_SUFFIXES = ("jpg", "png", "webp", "gif", "bmp")
 
@@ -68,7 +68,7 @@ def decode_sample(members: dict[str, bytes]) -> tuple[dict, list[tuple[str, tupl
     images = []
     for suffix in sorted((s for s in members if s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES),
                          key=lambda s: int(s.split(".")[0]) if s.split(".")[0].isdigit() else -1):
-        with Image.open(io.BytesIO(members[suffix]), formats=ALLOWED_FORMATS) as image:
+        with Image.open(io.BytesIO(members[suffix]), formats=IMAGE_FORMATS) as image:
             images.append((suffix, image.size, image.mode))
     return doc, images
 
@@ -96,7 +96,7 @@ def percentiles(values: list[int]) -> dict[str, int]:
 
 def token_length(tokenizer, conversations: list[dict], n_images: int, image_tokens: int) -> int:
     """Chat-template tokens of the text without its `<image>` markers, plus `image_tokens` per image."""
-    text_only = [{**turn, "content": turn["content"].replace(IMAGE_TOKEN, "")} for turn in conversations]
+    text_only = [{**turn, "content": turn["content"].replace(IMAGE_TAG, "")} for turn in conversations]
     text = tokenizer.apply_chat_template(text_only, tokenize=False)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + n_images * image_tokens
 

@@ -4,7 +4,7 @@
         --out data/shards/sft --prefix sft [--samples-per-shard 1000] [--workers 2]
 
 The layout of the output (shard names, sample keys and members, index files, manifest.json) is specified
-in `data_tools.manifest`; the checks applied to each record in `data_tools.validate`. Bad records are skipped
+in `vlm.formats.manifest`; the checks applied to each record in `data_tools.validate`. Bad records are skipped
 and listed in the manifest with their reason (`--strict` stops at the first one instead), so input records =
 samples written + skipped, always. Blank lines are not records; they are counted in `blank_lines`.
 
@@ -35,14 +35,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools import manifest as mf
-from data_tools.validate import (
-    DEFAULT_MAX_PIXELS,
-    Rejected,
-    check_image,
-    parse_record,
-    read_image,
-)
+from data_tools.validate import check_image
+from vlm.formats import manifest as mf
+from vlm.formats.constants import DEFAULT_MAX_PIXELS
+from vlm.formats.errors import BadSample
+from vlm.formats.records import parse_record, read_image
 
 PROGRESS_NAME = ".shard-progress.json"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -109,7 +106,7 @@ def process_line(cfg: RecordConfig, line: int, end_byte: int, raw: bytes) -> Res
         record, names = parse_record(raw, first_line=line == 1)
         images = [check_image(read_image(cfg.images_root, name), name, cfg.max_pixels, cfg.full_decode,
                               cfg.resize_max) for name in names]
-    except Rejected as e:
+    except BadSample as e:
         return Result(line, end_byte, reason=e.reason, detail=e.detail)
     doc = {"conversations": record["conversations"], "source": {"file": cfg.jsonl_name, "line": line},
            "images": names}

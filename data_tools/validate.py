@@ -1,14 +1,14 @@
-"""Checks for one MiniMind-V JSONL record and its images; each failure is a `Rejected(reason, detail)`.
+"""Checks for the images of one record; each failure is a `BadSample(reason, detail)`.
 
-Used by `python -m data_tools.shard`. Reasons are stable codes that appear in manifest.json:
+Used by `python -m data_tools.shard`; the record's text is checked by `vlm.formats.records`, the same rules
+the trainer applies. Reasons are stable codes that appear in manifest.json:
 
-    not_utf8 bad_json no_conversations bad_turn bad_roles empty_content reserved_field bad_image_field
-    image_count_mismatch unsafe_image_path missing_image empty_image bad_image truncated_image too_many_pixels
+    unsafe_image_path missing_image empty_image bad_image truncated_image too_many_pixels
 
 Image checks at the default level are cheap and decode no pixels: JPEG and PNG headers are parsed here
 (markers up to the frame header; IHDR), the pixel count is compared with the limit before anything is
 decoded, a JPEG must end its last scan with an EOI marker, and a PNG must reach IEND with every chunk's CRC
-correct (read, not inflated). Anything else goes to PIL restricted to JPEG, PNG, WebP, GIF and BMP (so no
+correct (read, not inflated). Anything else goes to PIL restricted to `vlm.formats.constants.IMAGE_FORMATS` (so no
 exotic or external-program decoder is reached), with PIL's own bomb guard, and is always fully decoded;
 such files are rare in these corpora. `full_decode=True` decodes every image with PIL; bit flips inside
 JPEG entropy-coded data are only found that way, if at all.
@@ -16,11 +16,7 @@ JPEG entropy-coded data are only found that way, if at all.
 
 from __future__ import annotations
 
-import errno
-import functools
 import io
-import json
-import os
 import struct
 import warnings
 import zlib
@@ -28,27 +24,14 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-IMAGE_TOKEN = "<image>"
-DEFAULT_MAX_PIXELS = 8192 * 8192
-# Decoders PIL may try; the JPEG one also returns MPO (multi-picture JPEG from cameras).
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+from vlm.formats.constants import IMAGE_FORMATS
+from vlm.formats.errors import BadSample
+
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic) carry the size.
 _JPEG_FRAME_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the OS lacks it: every path is then fully resolved
-# Fields the shard json writes itself; a record carrying them would be silently overwritten.
-RESERVED_FIELDS = ("source", "images")
-
-
-class Rejected(Exception):
-    """A record or image that must not become a sample; `reason` is a stable code, `detail` says why."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -56,118 +39,6 @@ class CheckedImage:
     data: bytes  # what goes into the shard: the original bytes, or the re-encoded ones after a resize
     ext: str  # member extension from the decoded format: jpg, png, webp, gif, bmp
     size: tuple[int, int]  # (width, height) of `data`
-
-
-def parse_record(raw: bytes, first_line: bool = False) -> tuple[dict, list[str]]:
-    """Decode one JSONL line and check its structure; returns (record, image names in placeholder order)."""
-    try:
-        # A byte-order mark is legal at the start of a UTF-8 file and would otherwise fail json.loads.
-        text = raw.decode("utf-8-sig" if first_line else "utf-8")
-    except UnicodeDecodeError as e:
-        raise Rejected("not_utf8", f"invalid UTF-8 at byte {e.start}") from e
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise Rejected("bad_json", f"{e.msg} at column {e.colno}") from e
-    if not isinstance(record, dict):
-        raise Rejected("bad_json", f"expected a JSON object, got {type(record).__name__}")
-    check_conversations(record.get("conversations"))
-    for field in RESERVED_FIELDS:
-        if field in record:
-            raise Rejected("reserved_field", f"field {field!r} is written by the sharder; rename it")
-    names = image_names(record.get("image"))
-    placeholders = sum(turn["content"].count(IMAGE_TOKEN) for turn in record["conversations"])
-    if placeholders != len(names):
-        raise Rejected("image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} placeholder(s) but "
-                                               f"{len(names)} image(s) listed")
-    return record, names
-
-
-def check_conversations(conversations: object) -> None:
-    """Non-empty list of {role, content} turns: user, assistant, user, ... ending with an assistant turn."""
-    if not isinstance(conversations, list) or not conversations:
-        raise Rejected("no_conversations", "'conversations' is missing, empty or not a list")
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
-                or not isinstance(turn.get("content"), str):
-            raise Rejected("bad_turn", f"turn {i} is not an object with string 'role' and 'content'")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if turn["role"] != expected:
-            raise Rejected("bad_roles", f"turn {i} has role {turn['role']!r}, expected {expected!r}")
-        if not turn["content"].strip():
-            raise Rejected("empty_content", f"turn {i} ({turn['role']}) has empty content")
-    if len(conversations) % 2:
-        raise Rejected("bad_roles", "the conversation ends with a user turn (nothing to learn)")
-
-
-def image_names(field: object) -> list[str]:
-    """The `image` field as a list: absent, null or "" -> []; "a.jpg, b.png" -> ["a.jpg", "b.png"]."""
-    if field is None or field == "":
-        return []
-    if not isinstance(field, str):
-        raise Rejected("bad_image_field", f"'image' must be a comma-separated string, got {type(field).__name__}")
-    names = [name.strip() for name in field.split(",")]
-    if not all(names):
-        raise Rejected("bad_image_field", f"empty file name in 'image': {field!r}")
-    return names
-
-
-def read_image(images_root: str, name: str) -> bytes:
-    """Bytes of image `name` inside `images_root` (a real path); refuses paths and symlinks that leave it."""
-    if "\0" in name or os.path.isabs(name):
-        raise Rejected("unsafe_image_path", f"{name!r} is not a relative path inside the images folder")
-    folder, base = os.path.split(name)
-    if not _NOFOLLOW or base in ("", ".", ".."):
-        return _read(_resolve(images_root, name), name)
-    path = os.path.join(_real_folder(images_root, folder), base)
-    try:
-        # O_NOFOLLOW: the common case (a plain file) costs no extra system call; a symlink fails with ELOOP
-        # and is then resolved in full, so one pointing outside the folder is caught.
-        f = open(path, "rb", opener=_open_nofollow)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return _read(_resolve(images_root, name), name)
-        raise _unreadable(e, name) from e
-    with f:
-        return _read(f, name)
-
-
-def _open_nofollow(path: str, flags: int) -> int:
-    return os.open(path, flags | _NOFOLLOW)
-
-
-def _resolve(images_root: str, name: str) -> str:
-    # realpath follows every symlink on the way, so links that point outside the folder are caught.
-    path = os.path.realpath(os.path.join(images_root, name))
-    if os.path.commonpath((images_root, path)) != images_root:
-        raise Rejected("unsafe_image_path", f"{name!r} resolves outside the images folder")
-    return path
-
-
-@functools.lru_cache(maxsize=4096)
-def _real_folder(images_root: str, folder: str) -> str:
-    return _resolve(images_root, folder) if folder else images_root
-
-
-def _unreadable(e: OSError, name: str) -> Rejected:
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
-        return Rejected("missing_image", f"{name!r} is not a file in the images folder")
-    return Rejected("bad_image", f"{name!r} cannot be read: {e.strerror}")
-
-
-def _read(source, name: str) -> bytes:
-    """Read a path or an open binary file; a zero-byte file is `empty_image`."""
-    try:
-        if isinstance(source, str):
-            with open(source, "rb") as f:
-                data = f.read()
-        else:
-            data = source.read()
-    except OSError as e:
-        raise _unreadable(e, name) from e
-    if not data:
-        raise Rejected("empty_image", f"{name!r} is a zero-byte file")
-    return data
 
 
 def check_image(data: bytes, name: str, max_pixels: int, full_decode: bool = False,
@@ -192,7 +63,7 @@ def check_image(data: bytes, name: str, max_pixels: int, full_decode: bool = Fal
 
 def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
     if size[0] * size[1] > max_pixels:
-        raise Rejected("too_many_pixels", f"{name!r} is {size[0]}x{size[1]}, above --max-pixels {max_pixels}")
+        raise BadSample("too_many_pixels", f"{name!r} is {size[0]}x{size[1]}, above --max-pixels {max_pixels}")
 
 
 def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
@@ -204,23 +75,23 @@ def _jpeg_size(data: bytes, name: str) -> tuple[int, int]:
     pos, size = 2, None
     while size is None:
         if pos + 4 > len(data):
-            raise Rejected("truncated_image", f"{name!r}: JPEG data ends inside its header")
+            raise BadSample("truncated_image", f"{name!r}: JPEG data ends inside its header")
         if data[pos] != 0xFF:
-            raise Rejected("bad_image", f"{name!r}: corrupt JPEG header (no marker at byte {pos})")
+            raise BadSample("bad_image", f"{name!r}: corrupt JPEG header (no marker at byte {pos})")
         marker = data[pos + 1]
         if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:
             pos += 1 if marker == 0xFF else 2  # fill byte or a marker without a length
             continue
         if marker in (0xD9, 0xDA):
-            raise Rejected("bad_image", f"{name!r}: JPEG scan or end before any frame header")
+            raise BadSample("bad_image", f"{name!r}: JPEG scan or end before any frame header")
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker in _JPEG_FRAME_MARKERS and pos + 9 <= len(data):
             size = (int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big"))
         pos += 2 + length
     if 0 in size:
-        raise Rejected("bad_image", f"{name!r}: JPEG frame header gives size {size[0]}x{size[1]}")
+        raise BadSample("bad_image", f"{name!r}: JPEG frame header gives size {size[0]}x{size[1]}")
     if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda") or b"\xff\xda" not in data:
-        raise Rejected("truncated_image", f"{name!r}: JPEG data ends before its end-of-image marker")
+        raise BadSample("truncated_image", f"{name!r}: JPEG data ends before its end-of-image marker")
     return size
 
 
@@ -228,20 +99,20 @@ def _png_size(data: bytes, name: str) -> tuple[int, int]:
     """(width, height) from IHDR, after checking every chunk's CRC up to IEND (nothing is inflated)."""
     view, pos = memoryview(data), 8
     if data[12:16] != b"IHDR" or len(data) < 33:
-        raise Rejected("bad_image" if len(data) >= 33 else "truncated_image", f"{name!r}: PNG without IHDR")
+        raise BadSample("bad_image" if len(data) >= 33 else "truncated_image", f"{name!r}: PNG without IHDR")
     width, height = struct.unpack(">II", data[16:24])
     if not width or not height:
-        raise Rejected("bad_image", f"{name!r}: PNG header gives size {width}x{height}")
+        raise BadSample("bad_image", f"{name!r}: PNG header gives size {width}x{height}")
     while True:
         if pos + 12 > len(data):
-            raise Rejected("truncated_image", f"{name!r}: PNG data ends before its IEND chunk")
+            raise BadSample("truncated_image", f"{name!r}: PNG data ends before its IEND chunk")
         length = int.from_bytes(data[pos:pos + 4], "big")
         end = pos + 8 + length
         if end + 4 > len(data):
-            raise Rejected("truncated_image", f"{name!r}: PNG data ends inside a chunk")
+            raise BadSample("truncated_image", f"{name!r}: PNG data ends inside a chunk")
         if zlib.crc32(view[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
             kind = data[pos + 4:pos + 8].decode("latin-1")
-            raise Rejected("bad_image", f"{name!r}: corrupt PNG (CRC mismatch in chunk {kind!r} at byte {pos})")
+            raise BadSample("bad_image", f"{name!r}: corrupt PNG (CRC mismatch in chunk {kind!r} at byte {pos})")
         if data[pos + 4:pos + 8] == b"IEND":
             return width, height
         pos = end + 4
@@ -253,13 +124,13 @@ def _open(data: bytes, name: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise Rejected("too_many_pixels", f"{name!r}: {e}") from e
+            raise BadSample("too_many_pixels", f"{name!r}: {e}") from e
         except Image.UnidentifiedImageError as e:
-            raise Rejected("bad_image", f"{name!r} is not a readable JPEG, PNG, WebP, GIF or BMP") from e
+            raise BadSample("bad_image", f"{name!r} is not a readable JPEG, PNG, WebP, GIF, BMP or TIFF") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise Rejected("bad_image", f"{name!r}: {e}") from e
+            raise BadSample("bad_image", f"{name!r}: {e}") from e
 
 
 def _decode(image: Image.Image, name: str) -> None:
@@ -267,7 +138,7 @@ def _decode(image: Image.Image, name: str) -> None:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "truncated_image" if "truncated" in str(e) else "bad_image"
-        raise Rejected(reason, f"{name!r} does not decode: {e}") from e
+        raise BadSample(reason, f"{name!r} does not decode: {e}") from e
 
 
 def _shrink(image: Image.Image, resize_max: int) -> CheckedImage:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools import manifest as mf
+from vlm.formats import manifest as mf
 
 _END_OF_ARCHIVE = 1024  # two zero blocks
 

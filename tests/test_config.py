@@ -65,7 +65,6 @@ def test_cross_field_problems_collected_once(tmp_path):
     assert "train.batch_size must be >= 1" in joined
     assert "train.dtype" in joined
     assert "not divisible" in joined
-    assert "missing does not exist" in joined
     assert "init_weights is null" in joined
 
 

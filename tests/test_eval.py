@@ -12,8 +12,10 @@ from data_tools.synth import build_record
 from tests.tiny_vlm import DIM, LAYERS, save_tiny_vlm
 from vlm import eval as vlm_eval
 from vlm.data.collate import pad_collate
-from vlm.eval import EvalRecord, records_from_jsonl, records_from_shards, scored_report
-from vlm.inference import CheckpointKindError, checkpoint_kind, load_model
+from vlm.demo.scoring import scored_report
+from vlm.eval import EvalRecord, records_from_jsonl, records_from_shards
+from vlm.inference import load_model
+from vlm.load import CheckpointKindError, checkpoint_kind
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm.config import BUILTIN_TINY_VISION, Config
+from vlm.config import BUILTIN_TINY_VISION, Config, DataConfig
 from vlm.data.image import ImagePreprocessConfig
+from vlm.data.stages import SampleFormat
 from vlm.model.config import VLMConfig
 from vlm.model.pretrained import VISION_SUBFOLDER, load_vlm_folder
 from vlm.model.vision_encoder import load_vision_encoder, num_image_tokens, write_tiny_vision_encoder
@@ -25,11 +26,19 @@ from vlm.tokenizer import image_placeholder_id, load_tokenizer
 
 @dataclass
 class Built:
+    """A model with what feeds it: tokenizer, the vision tower's image preprocessing, its folder, the
+    placeholder token id."""
+
     model: MiniMindVLM
     tokenizer: object
     image_config: ImagePreprocessConfig
     vision_folder: Path
     image_token_id: int
+
+    def sample_format(self, data: DataConfig) -> SampleFormat:
+        """How the data pipeline must turn samples into tensors for this model (data.max_seq_len, ...)."""
+        return SampleFormat(self.tokenizer, self.image_config, self.image_token_id,
+                            self.model.config.image_token_len, data.max_seq_len, data.batching, data.max_pixels)
 
 
 def tiny_vision_folder(out_dir: str | Path, seed: int) -> Path:
@@ -46,32 +55,27 @@ def tiny_vision_folder(out_dir: str | Path, seed: int) -> Path:
     return target
 
 
-def resolve_vision_folder(cfg: Config) -> Path:
+def configured_vision_folder(cfg: Config) -> Path | None:
+    """Where the vision tower comes from: the initial weights' own vision_model/ (an earlier stage's export),
+    else model.vision_model; None for the built-in tiny one (written at start-up). Reads nothing."""
     init = cfg.model.init_weights
     if init is not None and (Path(init) / VISION_SUBFOLDER).is_dir():
         return Path(init) / VISION_SUBFOLDER
-    if cfg.model.vision_model == BUILTIN_TINY_VISION:
-        return tiny_vision_folder(cfg.train.out_dir, cfg.train.seed)
-    return Path(cfg.model.vision_model)
+    return None if cfg.model.vision_model == BUILTIN_TINY_VISION else Path(cfg.model.vision_model)
+
+
+def resolve_vision_folder(cfg: Config) -> Path:
+    """`configured_vision_folder`, with the built-in tiny encoder written to out_dir when that is the choice."""
+    folder = configured_vision_folder(cfg)
+    return tiny_vision_folder(cfg.train.out_dir, cfg.train.seed) if folder is None else folder
 
 
 def model_config(cfg: Config, tokenizer, image_token_id: int, vision_config) -> VLMConfig:
-    m = cfg.model
+    """The model's config: the YAML's architecture fields as they are, plus what the tokenizer and the
+    vision tower decide (vocabulary, placeholder id, image tokens per picture, special token ids)."""
     return VLMConfig(
-        vocab_size=m.vocab_size or len(tokenizer),
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta,
-        dropout=m.dropout,
-        use_moe=m.use_moe,
-        n_routed_experts=m.n_routed_experts,
-        num_experts_per_tok=m.num_experts_per_tok,
-        n_shared_experts=m.n_shared_experts,
-        aux_loss_alpha=m.aux_loss_alpha,
-        seq_aux=m.seq_aux,
+        **cfg.model.architecture(),
+        vocab_size=cfg.model.vocab_size or len(tokenizer),
         image_token_id=image_token_id,
         image_token_len=num_image_tokens(vision_config),
         vision_hidden_size=vision_config.hidden_size,

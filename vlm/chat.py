@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vlm.data.errors import BadSample
 from vlm.eval import add_model_flags, load_from_args
+from vlm.formats.errors import BadSample
 from vlm.inference import GenerationSettings, LoadedVLM, add_image_tags
 
 QUIT, RESET = "/quit", "/reset"

@@ -22,10 +22,11 @@ from typing import Any
 
 import yaml
 
+from vlm.formats.constants import BATCHING, DEFAULT_MAX_PIXELS
+
 BUILTIN_TINY_VISION = "builtin:tiny"
 DTYPES = ("bfloat16", "float16", "float32")
 TRAINABLE_POLICIES = ("projector", "projector+last_layer", "projector+lm", "all", "patterns")
-BATCHING = ("dynamic", "pack", "max_len")
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,45 @@ class ModelConfig:
     init_allow_missing: list[str] = _f([], "Key prefixes the initial weights may lack, e.g. ['vision_proj.'].")
     gradient_checkpointing: bool = _f(False, "Recompute layer activations in backward to save memory.")
 
+    def architecture(self) -> dict[str, Any]:
+        """{field: value} of `ARCHITECTURE_FIELDS`: what the language model's config is built from."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
+
+# model.* fields that are the language model's architecture: `MiniMindConfig` takes its defaults from here
+# and `vlm.build` passes them on as they are (vocab_size is resolved against the tokenizer there).
+ARCHITECTURE_FIELDS = (
+    "hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "rope_theta", "dropout", "n_routed_experts", "num_experts_per_tok",
+    "n_shared_experts", "aux_loss_alpha", "seq_aux",
+)
+
+
+def architecture_defaults() -> dict[str, Any]:
+    """{field: default} of `ARCHITECTURE_FIELDS` (the seed's MiniMind defaults: 512 wide, 8 layers, ...)."""
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ARCHITECTURE_FIELDS}
+
+
+def architecture_problems(a: dict[str, Any], prefix: str = "") -> list[str]:
+    """The language model's shape rules for architecture values `a` (YAML check and MiniMindConfig alike);
+    `prefix` (e.g. "model.") is put before each field name in the messages."""
+    heads, kv, hidden = a["num_attention_heads"], a["num_key_value_heads"], a["hidden_size"]
+    if min(heads, kv, hidden, a["num_hidden_layers"]) < 1:
+        return [f"{prefix}hidden_size, num_hidden_layers, num_attention_heads and num_key_value_heads must be "
+                f">= 1, got {hidden}, {a['num_hidden_layers']}, {heads}, {kv}"]
+    problems = []
+    if hidden % heads:
+        problems.append(f"{prefix}hidden_size {hidden} is not divisible by {prefix}num_attention_heads {heads}")
+    elif (hidden // heads) % 2:
+        problems.append(f"head_dim {hidden // heads} ({prefix}hidden_size / num_attention_heads) must be even "
+                        "for rotary embeddings")
+    if heads % kv:
+        problems.append(f"{prefix}num_attention_heads {heads} is not divisible by {prefix}num_key_value_heads {kv}")
+    if a["use_moe"] and not 1 <= a["num_experts_per_tok"] <= a["n_routed_experts"]:
+        problems.append(f"{prefix}num_experts_per_tok {a['num_experts_per_tok']} must be in "
+                        f"1..{prefix}n_routed_experts {a['n_routed_experts']}")
+    return problems
+
 
 @dataclass
 class DataConfig:
@@ -84,13 +124,14 @@ class DataConfig:
     chunk_size: int = _f(64, "Consecutive samples per scheduling chunk (larger = more sequential reads).")
     samples_per_epoch: int | None = _f(None, "Declared epoch length for sources without a manifest.")
     max_bad_fraction: float = _f(0.01, "Abort when more than this share of samples are corrupt.")
-    max_pixels: int = _f(64_000_000, "Images above this many pixels are skipped (decompression bombs).")
+    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "Images above this many pixels are skipped (decompression bombs); the "
+                          "sharder's --max-pixels, eval's and chat's --max_pixels share this default.")
     log_samples: bool = _f(False, "Audit mode: write the keys each rank consumed to out_dir/samples/.")
 
 
 @dataclass
 class TrainConfig:
-    stage: str = _f("pretrain", "'pretrain' (captions) or 'sft' (instructions); picks checks and defaults.")
+    stage: str = _f("pretrain", "'pretrain' (captions) or 'sft' (instructions): names the run, and SFT must train the LM.")
     out_dir: str = _f("out", "Checkpoints, metrics and plots go here.")
     epochs: int = _f(4, "Passes over the training data.")
     batch_size: int = _f(16, "Micro-batch per rank (the seed's --batch_size).")
@@ -292,12 +333,9 @@ def _value_problems(cfg: Config) -> list[str]:
         (bool(d.train_shards), "data.train_shards is empty: give shard folders (--train_shards data/shards/pretrain)"),
         (d.train_weights is None or len(d.train_weights) == len(d.train_shards),
          f"data.train_weights has {len(d.train_weights or [])} entries for {len(d.train_shards)} train_shards"),
-        (m.hidden_size % m.num_attention_heads == 0,
-         f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}"),
-        (m.num_attention_heads % m.num_key_value_heads == 0,
-         f"model.num_attention_heads {m.num_attention_heads} is not divisible by num_key_value_heads {m.num_key_value_heads}"),
+        (d.max_pixels >= 1, f"data.max_pixels must be >= 1, got {d.max_pixels}"),
     ]
-    return [message for ok, message in checks if not ok]
+    return [message for ok, message in checks if not ok] + architecture_problems(m.architecture(), "model.")
 
 
 def _policy_problems(cfg: Config) -> list[str]:
@@ -329,36 +367,10 @@ def _policy_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _file_problems(cfg: Config) -> list[str]:
-    m = cfg.model
-    problems = []
-    for label, path in (("model.tokenizer", m.tokenizer), ("model.init_weights", m.init_weights)):
-        if path is not None and not Path(path).exists():
-            problems.append(f"{label}: {path} does not exist")
-    if m.vision_model != BUILTIN_TINY_VISION and not Path(m.vision_model).is_dir():
-        problems.append(
-            f"model.vision_model: folder {m.vision_model} does not exist (put CLIP ViT-B/16 there, "
-            f"or use '{BUILTIN_TINY_VISION}')"
-        )
-    for label, sources in (("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards)):
-        for source in sources:
-            local = "://" not in source and not source.startswith("pipe:") and "{" not in source
-            if local and not Path(source).exists():
-                problems.append(f"{label}: {source} does not exist (run `make shard-data` first?)")
-    return problems
-
-
-def config_problems(cfg: Config, check_files: bool = True) -> list[str]:
-    """Every problem of a config that can be found without building anything."""
-    problems = _value_problems(cfg) + _policy_problems(cfg)
-    return problems + (_file_problems(cfg) if check_files else [])
-
-
-def validate_config(cfg: Config, check_files: bool = True) -> Config:
-    problems = config_problems(cfg, check_files)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+def config_problems(cfg: Config) -> list[str]:
+    """Every problem of a config's values and cross-field rules (files, data and launchers are the
+    preflight's: `vlm.train.preflight`)."""
+    return _value_problems(cfg) + _policy_problems(cfg)
 
 
 def parse_cli_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
@@ -385,3 +397,19 @@ def parse_cli_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], li
             overrides[key] = value
         i += 1
     return config_path, overrides, leftovers
+
+
+def config_from_argv(argv: list[str], own_flags: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+    """The Config of a command line (`--config PATH` plus overrides) and the values of the command's
+    `own_flags` (e.g. the doctor's `--world_size`), taken out before the overrides are applied; the second
+    dict also holds "config": PATH when one was given.
+
+    Raises ConfigError for stray arguments and for every config problem found while loading.
+    """
+    config_path, overrides, leftovers = parse_cli_overrides(argv)
+    if leftovers:
+        raise ConfigError([f"unexpected arguments {leftovers}; flags look like --name value"])
+    own = {name: overrides.pop(name) for name in own_flags if name in overrides}
+    if config_path is not None:
+        own["config"] = config_path
+    return load_config(config_path, overrides), own

@@ -10,7 +10,7 @@
 `vlm.inference`). Loss: mean cross-entropy over the label tokens (the assistant replies) of every record's
 whole conversation, perplexity = exp(loss). Records that carry `truth` (the synthetic corpus's eval split,
 `data_tools.synth`) are also answered: the conversation up to its last reply is the prompt, the greedy
-reply is scored with `score_answer` (exact match and per attribute), split into pictures of one shape
+reply is scored with `vlm.demo.scoring` (exact match and per attribute), split into pictures of one shape
 (`single`) and of several (`multi`). `accuracy` is the share of single-shape pictures whose colour and
 kind are both right; `multi_shape_accuracy` the same for every shape of a multi-shape picture.
 Prints the report as JSON (and writes it with --out).
@@ -31,13 +31,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_tools.synth import score_answer
-from data_tools.validate import Rejected, parse_record, read_image
 from vlm.data.collate import pad_collate
-from vlm.data.errors import BadSample
-from vlm.inference import GenerationSettings, LoadedVLM
-
-METRICS = ("exact", "count", "kind", "colour", "position", "size", "colour_kind", "shapes")
+from vlm.demo.scoring import scored_report
+from vlm.formats.errors import BadSample
+from vlm.formats.records import parse_record, read_image
+from vlm.inference import GenerationSettings, LoadedVLM, add_model_flags, load_from_args
 
 
 @dataclass
@@ -62,7 +60,7 @@ def records_from_jsonl(jsonl: str | Path, images: str | Path) -> tuple[list[Eval
             try:
                 record, names = parse_record(raw, first_line=line == 1)
                 pictures = [read_image(root, name) for name in names]
-            except Rejected as err:
+            except BadSample as err:
                 skipped[err.reason] += 1
                 continue
             records.append(EvalRecord(f"{Path(jsonl).name}:{line}", record["conversations"], pictures, names,
@@ -146,26 +144,6 @@ def greedy_answers(vlm: LoadedVLM, records: Sequence[EvalRecord], batch_size: in
     return answers
 
 
-def score_records(records: Sequence[EvalRecord], answers: Sequence[str]) -> list[dict]:
-    """One row per record with truth: names, truth, answer, `right` (colour and kind of every shape) and scores."""
-    rows = []
-    for record, answer in zip(records, answers):
-        scores = score_answer(answer, record.truth)
-        rows.append({"key": record.key, "images": record.names, "shapes": len(record.truth["shapes"]),
-                     "truth": record.truth["answer"], "answer": answer, "right": scores["colour_kind"],
-                     "scores": scores})
-    return rows
-
-
-def summarize(rows: Sequence[dict]) -> dict:
-    """Per split (all, single, multi): the number of records and the share right for each metric."""
-    splits = {"all": rows, "single": [r for r in rows if r["shapes"] == 1],
-              "multi": [r for r in rows if r["shapes"] > 1]}
-    return {name: {"n": len(part), **{m: (sum(r["scores"][m] for r in part) / len(part) if part else None)
-                                      for m in METRICS}}
-            for name, part in splits.items()}
-
-
 def evaluate(vlm: LoadedVLM, records: Sequence[EvalRecord], batch_size: int = 32, max_new_tokens: int = 128,
              answer_fn: Callable[[Sequence[EvalRecord]], list[str]] | None = None, progress: bool = True) -> dict:
     """The report: loss and perplexity over all records, answer scores over those with truth."""
@@ -175,14 +153,6 @@ def evaluate(vlm: LoadedVLM, records: Sequence[EvalRecord], batch_size: int = 32
         def answer_fn(rs):
             return greedy_answers(vlm, rs, batch_size, max_new_tokens, progress)
     return report | scored_report(with_truth, answer_fn(with_truth) if with_truth else [])
-
-
-def scored_report(records: Sequence[EvalRecord], answers: Sequence[str]) -> dict:
-    """accuracy / multi_shape_accuracy (colour and kind right), every metric by split, and the answers."""
-    rows = score_records(records, answers)
-    summary = summarize(rows)
-    return {"accuracy": summary["single"]["colour_kind"], "multi_shape_accuracy": summary["multi"]["colour_kind"],
-            "scores": summary, "answers": rows}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -201,25 +171,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.data and not args.images:
         p.error("--data needs --images (the folder its image names are relative to)")
     return args
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """Flags for loading a MiniMind-V .pth, plus device and dtype (shared with vlm.chat)."""
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, or the built-in one)")
-    p.add_argument("--vision_model", help="CLIP vision folder (needed with a .pth checkpoint)")
-    p.add_argument("--dim", type=int, default=512, help=".pth only: hidden size the weights were trained with")
-    p.add_argument("--n_layers", type=int, default=8, help=".pth only: number of layers")
-    p.add_argument("--use_moe", choices=("true", "false"), default="false", help=".pth only: MoE layers")
-    p.add_argument("--image_placeholder", help=".pth only: placeholder token (default: <|image|>, or '@')")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-
-
-def load_from_args(args: argparse.Namespace) -> LoadedVLM:
-    from vlm.inference import load_model
-
-    return load_model(args.checkpoint, args.tokenizer, args.vision_model, args.dim, args.n_layers,
-                      args.use_moe == "true", args.image_placeholder, args.device, args.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

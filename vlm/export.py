@@ -6,58 +6,19 @@
 `--checkpoint` is an out_dir (its newest complete checkpoint, or `--tag`) or one checkpoint folder.
 `minimind`: fp16 `.pth` with MiniMind-V's key names, language model + projector, no vision encoder (loads
 in MiniMind-V's own code). `hf`: config.json + model.safetensors + vision_model/ + tokenizer, loadable with
-`MiniMindVLM.from_pretrained(DIR)`. ZeRO-1/2 checkpoints are read as data (`weights_only=True`); ZeRO-3
-partitions are consolidated with DeepSpeed's own utility, which unpickles DeepSpeed's files: export only
-checkpoints you wrote.
+`MiniMindVLM.from_pretrained(DIR)`. Checkpoints are read by `vlm.load` (ZeRO-3 partitions are consolidated
+with DeepSpeed's own utility, which unpickles DeepSpeed's files: export only checkpoints you wrote).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-from vlm.build import build
-from vlm.config import config_from_dict
+from vlm.load import find_checkpoint, load_trained_model
 from vlm.model.pretrained import save_vlm_folder
-from vlm.model.weights import load_state_strict, save_minimind_weights
-from vlm.train.checkpoint import CheckpointError, read_meta, resolve_resume
-
-
-def find_checkpoint(path: str, tag: str | None) -> Path:
-    if tag is not None:
-        candidate = Path(path) / "checkpoints" / tag
-        return candidate if candidate.is_dir() else Path(path) / tag
-    found = resolve_resume(path, path)
-    if found is None:
-        raise CheckpointError(f"no complete checkpoint in {path}")
-    return found
-
-
-def checkpoint_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full model weights (MiniMind-V names, vision encoder included when it was trained)."""
-    if zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
-    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return dict(states["module"])
-
-
-def load_trained_model(checkpoint: Path):
-    """(built, meta): the model of a checkpoint rebuilt from its resolved config, weights loaded strictly."""
-    meta = read_meta(checkpoint)
-    cfg = config_from_dict(meta["config"])
-    cfg.model.init_weights = None  # the checkpoint's own weights replace any starting weights
-    built = build(cfg)
-    state = checkpoint_state_dict(checkpoint, meta["zero_stage"])
-    encoder_state = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}
-    if encoder_state:
-        built.model.get_vision_encoder().load_state_dict(encoder_state, strict=True)
-    load_state_strict(built.model, state, str(checkpoint))
-    return built, meta
+from vlm.model.weights import save_minimind_weights
+from vlm.train.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ chat template match what the model was trained on; pictures through the same `Im
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,14 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TextStreamer
 
+from vlm.config import DTYPES as DTYPE_NAMES
 from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor
-from vlm.data.text import IMAGE_TAG, ChatEncoder
-from vlm.model.pretrained import VISION_SUBFOLDER, WEIGHTS, load_vlm_folder
+from vlm.data.text import ChatEncoder
+from vlm.formats.constants import DEFAULT_MAX_PIXELS, IMAGE_TAG
+from vlm.load import load_any
 from vlm.model.vlm import MiniMindVLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointKindError(ValueError):
-    """A --checkpoint that is none of the supported kinds, or lacks the flags its kind needs."""
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,15 @@ class CallbackStreamer(TextStreamer):
 class LoadedVLM:
     """A model in eval mode with its tokenizer, prompt encoder and picture preprocessing."""
 
-    def __init__(self, model: MiniMindVLM, tokenizer: Any, image_config: ImagePreprocessConfig, source: str):
+    def __init__(self, model: MiniMindVLM, tokenizer: Any, image_config: ImagePreprocessConfig, source: str,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.source = source
         self.image_token_len = model.config.image_token_len
         self.encoder = ChatEncoder(tokenizer, model.config.image_token_id, self.image_token_len,
                                    max_seq_len=model.config.max_position_embeddings)
-        self.preprocess = ImagePreprocessor(image_config)
+        self.preprocess = ImagePreprocessor(image_config, max_pixels=max_pixels)
 
     @property
     def device(self) -> torch.device:
@@ -130,67 +130,34 @@ def add_image_tags(prompt: str, num_images: int) -> str:
     return prompt
 
 
-def checkpoint_kind(path: str | Path) -> str:
-    """'hf' (exported folder), 'training' (out_dir or one checkpoint folder) or 'minimind' (.pth file)."""
-    path = Path(path)
-    if path.is_file():
-        return "minimind"
-    if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
-        return "hf"
-    if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
-        return "training"
-    raise CheckpointKindError(
-        f"--checkpoint {path} is neither an exported folder (config.json + {WEIGHTS}), a training out_dir "
-        "(with checkpoints/), a checkpoint folder, nor a MiniMind-V .pth file"
-    )
-
-
 def load_model(checkpoint: str | Path, tokenizer: str | None = None, vision_model: str | None = None,
                dim: int = 512, n_layers: int = 8, use_moe: bool = False, image_placeholder: str | None = None,
-               device: str = "cpu", dtype: str = "float32") -> LoadedVLM:
-    """Load any checkpoint kind (see `checkpoint_kind`); the .pth kind needs `vision_model` and the sizes."""
-    kind = checkpoint_kind(checkpoint)
-    if kind == "hf":
-        model, tok = load_vlm_folder(checkpoint)
-        vision = Path(checkpoint) / VISION_SUBFOLDER
-        if tokenizer is not None or tok is None:
-            from vlm.tokenizer import load_tokenizer
+               device: str = "cpu", dtype: str = "float32", max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedVLM:
+    """Load any checkpoint kind (see `vlm.load.checkpoint_kind`) ready to answer, on `device` in `dtype`.
 
-            tok = load_tokenizer(tokenizer)
-        image_config = ImagePreprocessConfig.from_folder(vision)
-    elif kind == "training":
-        from vlm.export import find_checkpoint, load_trained_model
-
-        built, _ = load_trained_model(find_checkpoint(str(checkpoint), None))
-        model, tok, image_config = built.model, built.tokenizer, built.image_config
-    else:
-        model, tok, image_config = _load_minimind(checkpoint, tokenizer, vision_model, dim, n_layers, use_moe,
-                                                  image_placeholder)
-    if model.get_vision_encoder() is None:
-        raise CheckpointKindError(f"{checkpoint} has no vision encoder; give --vision_model")
+    The .pth kind needs `vision_model` and the sizes; pictures above `max_pixels` are refused.
+    """
+    model, tok, image_config, kind = load_any(checkpoint, tokenizer, vision_model, dim, n_layers, use_moe,
+                                              image_placeholder)
     model = model.to(device=torch.device(device), dtype=DTYPES[dtype])
-    return LoadedVLM(model, tok, image_config, f"{kind}:{checkpoint}")
+    return LoadedVLM(model, tok, image_config, f"{kind}:{checkpoint}", max_pixels)
 
 
-def _load_minimind(pth, tokenizer, vision_model, dim, n_layers, use_moe, image_placeholder):
-    """A MiniMind-V .pth: build the model from the size flags, then load the weights strictly."""
-    if vision_model is None:
-        raise CheckpointKindError(f"{pth} is a MiniMind-V .pth: give --vision_model (a CLIP folder) and the model "
-                                  "size flags --dim --n_layers [--use_moe] it was trained with")
-    from vlm.build import build
-    from vlm.config import Config, ConfigError, ModelConfig, config_problems
-    from vlm.tokenizer import DEFAULT_PLACEHOLDER, MINIMIND_PLACEHOLDER, load_tokenizer
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for loading any checkpoint kind, plus device, dtype and the pixel limit (eval and chat)."""
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, or the built-in one)")
+    p.add_argument("--vision_model", help="CLIP vision folder (needed with a .pth checkpoint)")
+    p.add_argument("--dim", type=int, default=512, help=".pth only: hidden size the weights were trained with")
+    p.add_argument("--n_layers", type=int, default=8, help=".pth only: number of layers")
+    p.add_argument("--use_moe", choices=("true", "false"), default="false", help=".pth only: MoE layers")
+    p.add_argument("--image_placeholder", help=".pth only: placeholder token (default: <|image|>, or '@')")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse pictures with more pixels (default {DEFAULT_MAX_PIXELS}, as data.max_pixels)")
 
-    if image_placeholder is None and tokenizer is not None:
-        # MiniMind's own tokenizer has no <|image|> token; its placeholder is '@'.
-        has_ours = DEFAULT_PLACEHOLDER in load_tokenizer(tokenizer).get_vocab()
-        image_placeholder = None if has_ours else MINIMIND_PLACEHOLDER
-    cfg = Config(model=ModelConfig(hidden_size=dim, num_hidden_layers=n_layers, use_moe=use_moe,
-                                   tokenizer=tokenizer, vision_model=str(vision_model), init_weights=str(pth),
-                                   image_placeholder=image_placeholder))
-    # Only the model section matters here: no training data is involved.
-    problems = [p for p in config_problems(cfg) if not p.startswith("data.")]
-    if problems:
-        raise ConfigError(problems)
-    built = build(cfg)
-    return built.model, built.tokenizer, built.image_config
+
+def load_from_args(args: argparse.Namespace) -> LoadedVLM:
+    """`load_model` with the flags of `add_model_flags`."""
+    return load_model(args.checkpoint, args.tokenizer, args.vision_model, args.dim, args.n_layers,
+                      args.use_moe == "true", args.image_placeholder, args.device, args.dtype, args.max_pixels)

@@ -3,7 +3,7 @@
 The built-in tokenizer lives in `vlm/assets/tokenizer` (made by `python -m data_tools.train_tokenizer`):
 byte-level BPE, `<|endoftext|>`=0 (pad), `<|im_start|>`=1 (bos), `<|im_end|>`=2 (eos), `<|image|>`=3,
 ChatML chat template. Any local Hugging Face tokenizer folder works instead; MiniMind's own uses '@'
-(id 34) as its image placeholder, so configure `placeholder: "@"` with it.
+(id 34) as its image placeholder, so set `model.image_placeholder: "@"` with it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def image_placeholder_id(tokenizer: PreTrainedTokenizerBase, placeholder: str | 
     """
     text = DEFAULT_PLACEHOLDER if placeholder is None else placeholder
     ids = tokenizer.encode(text, add_special_tokens=False)
-    hint = (f'; with MiniMind\'s tokenizer set placeholder: "{MINIMIND_PLACEHOLDER}"' if placeholder is None else
+    hint = (f'; with MiniMind\'s tokenizer set model.image_placeholder: "{MINIMIND_PLACEHOLDER}" '
+            f"(--model.image_placeholder={MINIMIND_PLACEHOLDER})" if placeholder is None else
             "; choose a placeholder that is a single token, ideally a special token")
     if len(ids) != 1:
         raise ValueError(f"image placeholder {text!r} is {len(ids)} tokens {ids} in this tokenizer, "

@@ -33,8 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPImageProcessorPil
 
 from data_tools import shard, synth
-from vlm.data.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessConfig, PixelNormalizer
-from vlm.data.pipeline import TrainLoader
+from vlm.data.image import ImagePreprocessConfig, PixelNormalizer
+from vlm.data.pipeline import LoaderSettings, TrainLoader
+from vlm.data.stages import SampleFormat
+from vlm.formats.constants import CLIP_MEAN, CLIP_STD
 from vlm.tokenizer import DEFAULT_PLACEHOLDER, image_placeholder_id, load_tokenizer
 
 IMAGE_TOKEN_LEN = 196  # ViT-B/16 at 224 px: 14 x 14 patches
@@ -45,8 +47,8 @@ def write_clip_config(folder: Path) -> Path:
     """A preprocessor_config.json as openai/clip-vit-base-patch16 ships it (224 px, CLIP mean/std)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
-              "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(OPENAI_CLIP_MEAN),
-              "image_std": list(OPENAI_CLIP_STD), "image_processor_type": "CLIPImageProcessor", "resample": 3,
+              "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(CLIP_MEAN),
+              "image_std": list(CLIP_STD), "image_processor_type": "CLIPImageProcessor", "resample": 3,
               "rescale_factor": 1 / 255, "size": {"shortest_edge": 224}}
     (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
     return folder
@@ -125,8 +127,8 @@ def token_shares(shards: Path, tokenizer, image_config, image_token_id: int, bat
     """Mean share of non-padding tokens per batch, for each batching mode of our loader."""
     shares = {}
     for mode in ("max_len", "dynamic", "pack"):
-        loader = TrainLoader([str(shards)], tokenizer, image_config, image_token_id, IMAGE_TOKEN_LEN, MAX_SEQ_LEN,
-                             batch_size=batch_size, num_workers=2, batching=mode)
+        fmt = SampleFormat(tokenizer, image_config, image_token_id, IMAGE_TOKEN_LEN, MAX_SEQ_LEN, batching=mode)
+        loader = TrainLoader([str(shards)], fmt, LoaderSettings(batch_size=batch_size, num_workers=2))
         per_batch = [int(b["num_tokens"]) / b["input_ids"].numel() for b in loader]
         shares[mode] = statistics.mean(per_batch)
     return shares
@@ -157,8 +159,9 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
                          CLIPImageProcessorPil.from_pretrained(str(clip)), MAX_SEQ_LEN)
 
     def ours(workers):
-        return lambda: TrainLoader([str(tmp / "shards")], tokenizer, image_config, image_token_id, IMAGE_TOKEN_LEN,
-                                   MAX_SEQ_LEN, batch_size=args.batch_size, num_workers=workers)
+        fmt = SampleFormat(tokenizer, image_config, image_token_id, IMAGE_TOKEN_LEN, MAX_SEQ_LEN)
+        return lambda: TrainLoader([str(tmp / "shards")], fmt,
+                                   LoaderSettings(batch_size=args.batch_size, num_workers=workers))
 
     def baseline(workers):
         return lambda: DataLoader(naive, batch_size=args.batch_size, shuffle=True, num_workers=workers)

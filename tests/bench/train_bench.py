@@ -41,12 +41,13 @@ def make_corpus(root: Path) -> Path:
 def make_vit_b16(root: Path) -> Path:
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-    from vlm.model.vision_encoder import CLIP_MEAN, CLIP_STD, save_vision_encoder
+    from vlm.formats.constants import CLIP_MEAN, CLIP_STD
+    from vlm.model.vision_encoder import save_vision_encoder
 
     config = CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
                               num_hidden_layers=12, num_attention_heads=12)
     processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                      image_mean=CLIP_MEAN, image_std=CLIP_STD)
+                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     return save_vision_encoder(CLIPVisionModel(config), root / "clip_vit_b16", processor)
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.data.shard_fixtures import IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN, MAX_SEQ_LEN, SMALL_IMAGES
-from vlm.data.pipeline import TrainLoader
+from tests.data.shard_fixtures import make_loader
 from vlm.tokenizer import load_tokenizer
 from vlm.train.distributed import init_distributed
 
@@ -36,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", type=int, default=0)  # passed by older deepspeed launchers
     args = p.parse_args(argv)
     env = init_distributed(timeout_minutes=2)
-    loader = TrainLoader([args.shards], load_tokenizer(), SMALL_IMAGES, IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN, MAX_SEQ_LEN,
-                         batch_size=args.batch_size, world_size=env.world_size, rank=env.rank,
-                         num_workers=args.workers, seed=7, chunk_size=4)
+    loader = make_loader([args.shards], load_tokenizer(), batch_size=args.batch_size, world_size=env.world_size,
+                         rank=env.rank, num_workers=args.workers, seed=7, chunk_size=4)
     out = Path(args.out)
     records = []
     for epoch in range(args.epochs):

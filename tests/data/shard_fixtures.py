@@ -1,7 +1,7 @@
 """Tiny shard folders for the loader tests, written with the sharder's own writer (`data_tools.shard.ShardSink`).
 
 `data_tools.shard` cuts shards at a fixed sample count; these helpers give shards of any size (deliberately
-uneven ones) and let a test plant corrupt or hostile members. The folder follows `data_tools.manifest`.
+uneven ones) and let a test plant corrupt or hostile members. The folder follows `vlm.formats.manifest`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,30 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_tools import manifest as mf
 from data_tools.shard import ShardSink
 from vlm.data.image import ImagePreprocessConfig
+from vlm.data.pipeline import EvalLoader, LoaderSettings, TrainLoader
+from vlm.data.stages import SampleFormat
+from vlm.formats import manifest as mf
 
 IMAGE_TOKEN_ID = 3  # <|image|> in the built-in tokenizer
 IMAGE_TOKEN_LEN = 4
 MAX_SEQ_LEN = 64
 SMALL_IMAGES = ImagePreprocessConfig(shortest_edge=16, crop=(16, 16))
+_FORMAT_FIELDS = ("max_seq_len", "batching", "max_pixels", "image_token_id", "image_token_len")
+
+
+def sample_format(tokenizer, **kw) -> SampleFormat:
+    """The tests' sample format: 4 placeholders of id 3 per picture, 16 x 16 pixels, 64 tokens (kw overrides)."""
+    return SampleFormat(**{"tokenizer": tokenizer, "image_config": SMALL_IMAGES, "image_token_id": IMAGE_TOKEN_ID,
+                           "image_token_len": IMAGE_TOKEN_LEN, "max_seq_len": MAX_SEQ_LEN, **kw})
+
+
+def make_loader(sources, tokenizer, eval: bool = False, **kw):
+    """A TrainLoader (EvalLoader with eval=True) over `sources`; kw are SampleFormat or LoaderSettings fields."""
+    fmt = sample_format(tokenizer, **{k: v for k, v in kw.items() if k in _FORMAT_FIELDS})
+    settings = LoaderSettings(**{k: v for k, v in kw.items() if k not in _FORMAT_FIELDS})
+    return (EvalLoader if eval else TrainLoader)([str(s) for s in sources], fmt, settings)
 
 
 def jpeg(seed: int, size: tuple[int, int] = (20, 16)) -> bytes:

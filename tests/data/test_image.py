@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from vlm.data.errors import BadSample
 from vlm.data.image import ImageConfigError, ImagePreprocessConfig, ImagePreprocessor, PixelNormalizer
+from vlm.formats.errors import BadSample
 
 MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "CMYK", "1", "I", "RGB+transparency"]
 TOLERANCE = 0.02

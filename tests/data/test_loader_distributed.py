@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.data.shard_fixtures import (
-    IMAGE_TOKEN_ID,
-    IMAGE_TOKEN_LEN,
-    MAX_SEQ_LEN,
-    SMALL_IMAGES,
     all_keys,
+    make_loader,
     write_shards,
 )
 from vlm.data.pipeline import TrainLoader
@@ -33,9 +30,8 @@ def free_port() -> int:
 
 def single_loader(shards: Path, batch_size: int, accumulation: int) -> TrainLoader:
     """The loader of a one-process run over the same shards with the worker script's seed and chunk size."""
-    return TrainLoader([str(shards)], load_tokenizer(), SMALL_IMAGES, IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN, MAX_SEQ_LEN,
-                       batch_size=batch_size, accumulation=accumulation, world_size=1, rank=0, num_workers=0,
-                       seed=7, chunk_size=4)
+    return make_loader([shards], load_tokenizer(), batch_size=batch_size, accumulation=accumulation, world_size=1,
+                       rank=0, num_workers=0, seed=7, chunk_size=4)
 
 
 @pytest.mark.slow

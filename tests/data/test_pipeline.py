@@ -13,15 +13,16 @@ from tests.data.shard_fixtures import (
     MAX_SEQ_LEN,
     SMALL_IMAGES,
     all_keys,
+    make_loader,
     members,
     write_shards,
 )
 from vlm.data import plan
-from vlm.data.errors import BadSample
 from vlm.data.image import ImagePreprocessor, PixelNormalizer
-from vlm.data.pipeline import BadSampleLog, EvalLoader, TrainLoader
+from vlm.data.pipeline import BadSampleLog
 from vlm.data.reader import ShardReader, decode_members
 from vlm.data.sources import SourceError
+from vlm.formats.errors import BadSample
 from vlm.tokenizer import load_tokenizer
 
 UNEVEN = [9, 2, 14]
@@ -38,10 +39,7 @@ def uneven(tmp_path_factory):
 
 
 def make(sources, tokenizer, **kw):
-    args = dict(image_token_id=IMAGE_TOKEN_ID, image_token_len=IMAGE_TOKEN_LEN, max_seq_len=MAX_SEQ_LEN,
-                batch_size=2, num_workers=0, seed=5, chunk_size=4)
-    args.update(kw)
-    return TrainLoader([str(s) for s in sources], tokenizer, SMALL_IMAGES, **args)
+    return make_loader(sources, tokenizer, **{"batch_size": 2, "num_workers": 0, "seed": 5, "chunk_size": 4, **kw})
 
 
 def keys_of(batches):
@@ -209,8 +207,8 @@ def test_a_batch_of_only_bad_samples_is_empty_but_still_delivered(tmp_path, toke
 
 
 def test_eval_loader_every_sample_once_disjoint_ranks_equal_lengths(uneven, tokenizer):
-    loaders = [EvalLoader([str(uneven)], tokenizer, SMALL_IMAGES, IMAGE_TOKEN_ID, IMAGE_TOKEN_LEN, MAX_SEQ_LEN,
-                          batch_size=4, world_size=3, rank=r, num_workers=2) for r in range(3)]
+    loaders = [make_loader([uneven], tokenizer, eval=True, batch_size=4, world_size=3, rank=r, num_workers=2)
+               for r in range(3)]
     assert {len(loader) for loader in loaders} == {3}  # ceil(ceil(25 / 3) / 4)
     per_rank = [keys_of(list(loader)) for loader in loaders]
     flat = [k for keys in per_rank for k in keys]

@@ -256,16 +256,11 @@ def test_mixing_weights_whole_copies_and_fresh_fractions():
     assert all(np.searchsorted(bounds, r[0], "right") == np.searchsorted(bounds, r[-1], "right") for r in runs0)
 
 
-def test_old_format_positions_are_read_only_where_that_loses_nothing():
+def test_a_position_of_another_format_is_refused_by_name():
     g = Geometry(2, 2, 3)
-    fresh = {**new_position(3, 1, 100, g), "format": "vlm-data-position/1"}  # saved at an epoch boundary
-    assert resume(fresh, g, seed=3, num_samples=100) == new_position(3, 1, 100, g)
-    used = {**with_consumed(new_position(3, 1, 100, g), 4), "format": "vlm-data-position/1"}
-    with pytest.raises(PositionError, match="epoch boundary"):
-        resume(used, g, seed=3, num_samples=100)
-    # A resampled stream deals no samples, so its old position still says where to go on.
-    assert resume(used, g, seed=3, num_samples=100, exact=False)["segments"] == used["segments"]
-
+    other = {**new_position(3, 1, 100, g), "format": "vlm-data-position/0"}
+    with pytest.raises(PositionError, match="vlm-data-position/2"):
+        resume(other, g, seed=3, num_samples=100)
 
 def test_position_errors_name_what_differs():
     g = Geometry(2, 2, 3)

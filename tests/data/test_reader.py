@@ -9,17 +9,14 @@ import zlib
 import pytest
 
 from tests.data.shard_fixtures import (
-    IMAGE_TOKEN_ID,
-    IMAGE_TOKEN_LEN,
-    MAX_SEQ_LEN,
-    SMALL_IMAGES,
+    make_loader,
     members,
     write_shards,
 )
-from vlm.data.errors import BadSample
-from vlm.data.pipeline import DataQualityError, TrainLoader
+from vlm.data.pipeline import DataQualityError
 from vlm.data.reader import ShardReader, decode_members, iter_stream
 from vlm.data.sources import resolve_sources
+from vlm.formats.errors import BadSample
 from vlm.tokenizer import load_tokenizer
 
 
@@ -39,10 +36,7 @@ def tokenizer():
 
 
 def loader(folder, tokenizer, **kw):
-    args = dict(image_token_id=IMAGE_TOKEN_ID, image_token_len=IMAGE_TOKEN_LEN, max_seq_len=MAX_SEQ_LEN,
-                batch_size=2, num_workers=0, seed=0, chunk_size=4)
-    args.update(kw)
-    return TrainLoader([str(folder)], tokenizer, SMALL_IMAGES, **args)
+    return make_loader([folder], tokenizer, **{"batch_size": 2, "num_workers": 0, "seed": 0, "chunk_size": 4, **kw})
 
 
 def png_header_only(width: int, height: int) -> bytes:

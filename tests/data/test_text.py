@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from vlm.data.errors import BadSample
 from vlm.data.text import IGNORE_INDEX, ChatEncoder, ChatTemplateError
+from vlm.formats.errors import BadSample
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>"]
 CHATML = (
@@ -194,12 +194,13 @@ def test_truncation_never_splits_a_placeholder(encoder, conversation, outcomes_s
             1,
             "image_in_reply",
         ),
-        ([{"role": "user", "content": "<image> hi"}], 1, "no_labels"),
-        ([{"role": "robot", "content": "hi"}], 0, "bad_conversation"),
-        ([{"role": "user", "content": None}], 0, "bad_conversation"),
-        ([], 0, "bad_conversation"),
-        ("not a list", 0, "bad_conversation"),
-        (CONVERSATION[1:3] + CONVERSATION[:1], 1, "bad_conversation"),
+        ([{"role": "user", "content": "<image> hi"}], 1, "bad_roles"),
+        ([{"role": "robot", "content": "hi"}], 0, "bad_roles"),
+        ([{"role": "user", "content": None}], 0, "bad_turn"),
+        ([], 0, "no_conversations"),
+        ("not a list", 0, "no_conversations"),
+        (CONVERSATION[1:3] + CONVERSATION[:1], 1, "bad_roles"),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}], 0, "empty_content"),
         ([{"role": "user", "content": "x\ue001"}, {"role": "assistant", "content": "y"}], 0, "reserved_char"),
     ],
 )

@@ -14,9 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_tools import manifest as mf
 from data_tools import shard
 from tests.fixtures.make_tiny_corpus import picture, save_picture, turn, write_corpus
+from vlm.formats import manifest as mf
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_shards"
 

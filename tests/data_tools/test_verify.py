@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import manifest as mf
 from data_tools import verify
+from vlm.formats import manifest as mf
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_shards"
 

@@ -6,12 +6,15 @@ import pytest
 
 from tests.model.tiny import tiny_config
 from vlm.config import ConfigError, config_from_dict
+from vlm.data import plan
+from vlm.data.plan import Geometry
 from vlm.model.vision_encoder import load_vision_encoder
 from vlm.model.vlm import MiniMindVLM
 from vlm.train import checkpoint as ckpt
 from vlm.train.cli import main
-from vlm.train.distributed import batch_problems, build_ds_config, launcher_problems, normalize_launcher_env
+from vlm.train.ds_config import build_ds_config
 from vlm.train.freeze import apply_trainable_policy
+from vlm.train.launcher import launcher_problems, normalize_launcher_env
 
 
 def test_unknown_flag_and_yaml_key_exit_2_naming_them(tmp_path, capsys):
@@ -39,7 +42,8 @@ def train_cfg(**train):
 
 
 def test_ds_config_batch_fields_come_from_yaml():
-    ds = build_ds_config(train_cfg(batch_size=4, accumulation_steps=3, dtype="bfloat16", zero_stage=2), 8, 100, True)
+    ds = build_ds_config(train_cfg(batch_size=4, accumulation_steps=3, dtype="bfloat16", zero_stage=2),
+                         Geometry(8, 0, 4, 3), 100, True)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 96
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
@@ -53,14 +57,18 @@ def test_ds_json_may_not_hold_batch_or_contradicting_precision(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 64, "bf16": {"enabled": True}, "optimizer": {}}))
     with pytest.raises(ConfigError) as err:
-        build_ds_config(train_cfg(deepspeed_config=str(path), dtype="float32"), 2, 10, True)
+        build_ds_config(train_cfg(deepspeed_config=str(path), dtype="float32"), Geometry(2, 0, 16), 10, True)
     text = str(err.value)
     assert "train_batch_size" in text and "optimizer" in text and "bf16.enabled" in text
 
 
-def test_batch_arithmetic_check():
-    assert batch_problems(4, 2, 8) == []
-    assert "global batch 60 != batch_size 4 x accumulation_steps 2 x world size 8 = 64" in batch_problems(4, 2, 8, 60)[0]
+def test_batch_arithmetic_is_one_function_of_the_geometry():
+    geometry = Geometry(world_size=8, workers=2, batch_size=4, accumulation=2)
+    assert geometry.global_batch == 64 and geometry.steps_per_epoch(200) == 3
+    assert plan.micro_batches(200, geometry) == 6 and plan.total_steps(200, geometry, epochs=4) == 12
+    assert plan.total_steps(200, geometry, epochs=4, max_steps=5) == 5
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Geometry(world_size=1, workers=0, batch_size=0)
 
 
 @pytest.fixture

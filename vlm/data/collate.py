@@ -23,9 +23,9 @@ Batch contract (read by the trainer and the model's composite):
                     its placeholder runs (segment by segment); slots beyond them are zeros. Not normalised:
                     the model takes `vlm.data.image.PixelNormalizer(config)(pixel_values)` (float32; the
                     trainer applies it on its device, so workers ship a quarter of float32's bytes).
-    image_mask      (B, N) bool, True for real images. The composite encodes pixel_values[image_mask]
-                    (n_real, 3, H, W) and writes the features, row-major, at input_ids == image_token_id:
-                    row-major order of the real images is the row-major order of the placeholder runs.
+    image_mask      (B, N) bool, True for real images (for inspection and tests: the model finds the real
+                    slots from its placeholder runs itself, and writes their features row-major at
+                    input_ids == image_token_id, the row-major order of the runs).
     num_tokens      () long, real (non-padding) tokens, for throughput.
     num_label_tokens () long, labels that are not -100.
     keys            list[str], only when every sample has `__key__`: keys in row order, segment order.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from vlm.formats.constants import IGNORE_INDEX
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -32,14 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm.data.errors import BadSample
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# 32 Mpx: well above any training picture, below PIL's own decompression-bomb threshold (89 Mpx).
-DEFAULT_MAX_PIXELS = 1 << 25
-# Formats decoded from shards. Others (EPS runs Ghostscript, for one) are refused as data, not tried.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+from vlm.formats.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PIXELS, IMAGE_FORMATS
+from vlm.formats.errors import BadSample
 
 
 class ImageConfigError(ValueError):
@@ -54,9 +48,9 @@ class ImagePreprocessConfig:
     """The shorter side is resized to this; the longer side keeps the aspect ratio (truncated)."""
     crop: tuple[int, int] = (224, 224)
     """Centre-crop size (height, width)."""
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    mean: tuple[float, float, float] = CLIP_MEAN
     """Per-channel mean subtracted after rescaling."""
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    std: tuple[float, float, float] = CLIP_STD
     """Per-channel standard deviation divided by after subtracting the mean."""
     resample: int = int(Image.Resampling.BICUBIC)
     """PIL resampling filter (3 = bicubic, CLIP's)."""
@@ -126,8 +120,8 @@ class ImagePreprocessConfig:
         if not isinstance(size, int) or not all(isinstance(c, int) for c in crop):
             raise fail("size", f"and crop_size must be integers, got size={size!r} crop_size={crop!r}")
         normalise = raw.get("do_normalize", True)
-        mean = _three(raw.get("image_mean", OPENAI_CLIP_MEAN)) if normalise else (0.0, 0.0, 0.0)
-        std = _three(raw.get("image_std", OPENAI_CLIP_STD)) if normalise else (1.0, 1.0, 1.0)
+        mean = _three(raw.get("image_mean", CLIP_MEAN)) if normalise else (0.0, 0.0, 0.0)
+        std = _three(raw.get("image_std", CLIP_STD)) if normalise else (1.0, 1.0, 1.0)
         if mean is None or std is None:
             raise fail("image_mean", "and image_std must be a number or a list of 3 numbers")
         rescale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
@@ -216,7 +210,7 @@ class ImagePreprocessor:
 
     config: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    formats: tuple[str, ...] = ALLOWED_FORMATS
+    formats: tuple[str, ...] = IMAGE_FORMATS
 
     def __post_init__(self):
         if self.max_pixels < 1:

@@ -1,21 +1,23 @@
 """The training and eval loaders: named stages from shard bytes to batches, balanced across ranks and resumable.
 
-    from vlm.data.pipeline import TrainLoader
-    loader = TrainLoader(["data/shards/pretrain"], tokenizer, image_config, image_token_id=3, image_token_len=196,
-                         max_seq_len=640, batch_size=16, accumulation=4, world_size=W, rank=r, num_workers=8, seed=42)
+    from vlm.data.pipeline import LoaderSettings, SampleFormat, TrainLoader   # SampleFormat: vlm.data.stages
+    fmt = SampleFormat(tokenizer, image_config, image_token_id=3, image_token_len=196, max_seq_len=640)
+    loader = TrainLoader(["data/shards/pretrain"], fmt, LoaderSettings(batch_size=16, accumulation=4,
+                                                                        world_size=W, rank=r, num_workers=8, seed=42))
     loader.load_state_dict(saved) if saved else loader.set_epoch(0)
     for batch in loader:                          # micro-batches of the current epoch, from the current position
         ...train on batch (batch["num_samples"] may be 0)...
         state = loader.state_dict(batch["micro_step"] + 1)   # after that micro-batch was consumed
 
-The trainer's API: `TrainLoader` (or `build_train_loader(cfg, ...)` from a `vlm.config.Config`) with
+`SampleFormat` says how a sample becomes tensors, `LoaderSettings` (`LoaderSettings.from_config(cfg, ...)`
+from a `vlm.config.Config`) how the epoch is dealt and read. The trainer's API: `TrainLoader` with
 `micro_batches_per_epoch`, `dropped_per_epoch`, `num_samples`, `set_epoch(e)`, iteration, `len(loader)`
 (micro-batches still to come in this epoch), `state_dict(micro_batches_consumed)` (counted from the start of
 the epoch: the `micro_step` of the last consumed batch + 1; prefetched batches do not count) and
 `load_state_dict(state)`. `EvalLoader` reads held-out shards once, in order, each rank a disjoint share.
 
-Stages (`loader.stages`, each a picklable callable on a sample dict that may raise `BadSample`):
-read (seek into the tar; exact mode only) -> decode (allow-list, `vlm.data.reader`) -> text (chat template,
+Stages (`loader.stages`, see `vlm.data.stages`; each a picklable callable on a sample dict that may raise
+`BadSample`): read (seek into the tar; exact mode only) -> decode (allow-list, `vlm.data.reader`) -> text (chat template,
 labels; before images, so a sample rejected for length costs no image decoding) -> images (CLIP
 resize and centre crop under a pixel limit, kept uint8) -> collate (`dynamic`: pad to the longest, multiple
 of 8; `pack`: the micro-batch's samples first-fit into rows of max_seq_len; `max_len`: pad to max_seq_len).
@@ -56,86 +58,50 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.data import plan
 from vlm.data.collate import Collator
-from vlm.data.errors import BadSample
-from vlm.data.image import DEFAULT_MAX_PIXELS, ImagePreprocessConfig, ImagePreprocessor
-from vlm.data.reader import ShardReader, decode_members, resampled_stream
+from vlm.data.reader import ShardReader, resampled_stream
 from vlm.data.sources import SourceError, SourceSet, resolve_sources
-from vlm.data.text import ChatEncoder
+from vlm.data.stages import SampleFormat
+from vlm.formats.errors import BadSample
 
 log = logging.getLogger(__name__)
-BATCHING = ("dynamic", "pack", "max_len")
 
 
 class DataQualityError(RuntimeError):
     """Too many bad samples: the data (or a setting such as max_seq_len) needs fixing."""
 
 
-@dataclass
-class ReadSample:
-    """Stage `read`: {"__id__"} -> adds "__key__" and "members" ({suffix: bytes}) by seeking into the shard."""
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How an epoch is dealt and read: micro-batch size, accumulation, this rank's place, DataLoader workers,
+    the data order's seed and chunking, the bad-sample budget and, for sources without a manifest, the
+    declared epoch length. `weights` mix the training sources (None: each sample once)."""
 
-    reader: ShardReader
+    batch_size: int
+    accumulation: int = 1
+    world_size: int = 1
+    rank: int = 0
+    num_workers: int = 0
+    seed: int = 0
+    chunk_size: int = 64
+    max_bad_fraction: float = 0.01
+    samples_per_epoch: int | None = None
+    weights: tuple[float, ...] | None = None
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    min_seen: int = 100
 
-    def __call__(self, sample: dict) -> dict:
-        sample["__key__"] = self.reader.key(sample["__id__"])
-        _, sample["members"] = self.reader.read(sample["__id__"])
-        return sample
+    @classmethod
+    def from_config(cls, cfg: Any, world_size: int, rank: int, pin_memory: bool = False) -> LoaderSettings:
+        """The settings of a `vlm.config.Config` (data.* and train.batch_size/accumulation_steps/seed)."""
+        d, t = cfg.data, cfg.train
+        return cls(t.batch_size, t.accumulation_steps, world_size, rank, d.num_workers, t.seed, d.chunk_size,
+                   d.max_bad_fraction, d.samples_per_epoch,
+                   tuple(d.train_weights) if d.train_weights is not None else None, pin_memory)
 
-
-def decode_sample(sample: dict) -> dict:
-    """Stage `decode`: members -> "conversations" and "images" (bytes), by the allow-list of the reader."""
-    return decode_members(sample["__key__"], sample.pop("members"))
-
-
-@dataclass
-class EncodeText:
-    """Stage `text`: conversations -> "input_ids", "labels" (L,) with the chat template and loss mask."""
-
-    encoder: ChatEncoder
-
-    def __call__(self, sample: dict) -> dict:
-        sample.update(self.encoder(sample["conversations"], num_images=len(sample["images"])))
-        return sample
-
-
-@dataclass
-class PreprocessImages:
-    """Stage `images`: encoded images -> "pixel_values" uint8 (n, 3, H, W), resized and cropped, not normalised
-    (the trainer normalises on its device with `PixelNormalizer`); (0, 3, H, W) for text-only samples."""
-
-    preprocessor: ImagePreprocessor
-
-    def __call__(self, sample: dict) -> dict:
-        images = sample.pop("images")
-        if images:
-            sample["pixel_values"] = torch.stack([self.preprocessor.pixels(data) for data in images])
-        else:
-            sample["pixel_values"] = torch.zeros((0, *self.preprocessor.config.output_shape), dtype=torch.uint8)
-        return sample
-
-
-def build_stages(tokenizer: Any, image_config: ImagePreprocessConfig, image_token_id: int, image_token_len: int,
-                 max_seq_len: int, max_pixels: int, reader: ShardReader | None) -> list[tuple[str, Any]]:
-    """The named per-sample stages; `read` only when samples are addressed by id (manifest sources)."""
-    if image_config.output_shape is None:
-        raise ValueError("image preprocessing must centre-crop (do_center_crop) so that images can be batched")
-    stages: list[tuple[str, Any]] = [("read", ReadSample(reader))] if reader is not None else []
-    return stages + [
-        ("decode", decode_sample),
-        ("text", EncodeText(ChatEncoder(tokenizer, image_token_id, image_token_len, max_seq_len))),
-        ("images", PreprocessImages(ImagePreprocessor(image_config, max_pixels=max_pixels))),
-    ]
-
-
-def build_collator(tokenizer: Any, batching: str, max_seq_len: int) -> Collator:
-    if batching not in BATCHING:
-        raise ValueError(f"data.batching must be one of {BATCHING}, got {batching!r}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; give it a pad_token")
-    # "max_len" pads every row to max_seq_len: the naive layout, kept for comparison.
-    multiple_of = max_seq_len if batching == "max_len" else 8
-    return Collator(pad_id=int(pad_id), max_len=max_seq_len, multiple_of=multiple_of, pack=batching == "pack")
+    @property
+    def geometry(self) -> plan.Geometry:
+        """The dealing geometry (`vlm.data.plan.Geometry`): the one batch arithmetic."""
+        return plan.Geometry(self.world_size, self.num_workers, self.batch_size, self.accumulation)
 
 
 class BadSampleLog:
@@ -322,15 +288,15 @@ def ignore_stop_signals(worker_id: int) -> None:
 class _Loader:
     """What both loaders share: a DataLoader over a BatchStream, and the bad-sample monitor."""
 
-    num_workers: int
-    pin_memory: bool
-    prefetch_factor: int
+    settings: LoaderSettings
     monitor: BadSampleMonitor
 
     def _iterate(self, dataset: BatchStream) -> Iterator[dict]:
         # batch_size=None: the dataset yields whole micro-batches; DataLoader only runs and orders the workers.
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False, prefetch_factor=self.prefetch_factor if self.num_workers else None,
+        workers = self.settings.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.settings.pin_memory,
+                            persistent_workers=False,
+                            prefetch_factor=self.settings.prefetch_factor if workers else None,
                             worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self.monitor.update(batch["stats"])
@@ -338,38 +304,36 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """This rank's training micro-batches, epoch by epoch, with a checkpointable position (see module doc)."""
+    """This rank's training micro-batches, epoch by epoch, with a checkpointable position (see module doc).
 
-    def __init__(self, sources: Sequence[str] | SourceSet, tokenizer: Any, image_config: ImagePreprocessConfig,
-                 image_token_id: int, image_token_len: int, max_seq_len: int, batch_size: int, accumulation: int = 1,
-                 world_size: int = 1, rank: int = 0, num_workers: int = 0, seed: int = 0, chunk_size: int = 64,
-                 batching: str = "dynamic", max_bad_fraction: float = 0.01, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 samples_per_epoch: int | None = None, weights: Sequence[float] | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, min_seen: int = 100):
-        self.sources = sources if isinstance(sources, SourceSet) else resolve_sources(sources, weights)
-        self.geometry = plan.Geometry(world_size, num_workers, batch_size, accumulation)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.rank, self.seed, self.chunk_size = rank, seed, chunk_size
-        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+    Raises SourceError for sources that cannot be used (or give no micro-batch), ValueError for a rank
+    outside the world or an unusable `fmt`.
+    """
+
+    def __init__(self, sources: Sequence[str] | SourceSet, fmt: SampleFormat, settings: LoaderSettings):
+        self.settings = settings
+        self.sources = sources if isinstance(sources, SourceSet) else resolve_sources(sources, settings.weights)
+        self.geometry = settings.geometry
+        if not 0 <= settings.rank < settings.world_size:
+            raise ValueError(f"rank {settings.rank} is outside world size {settings.world_size}")
+        self.rank, self.seed, self.chunk_size = settings.rank, settings.seed, settings.chunk_size
         if self.sources.exact:
-            if samples_per_epoch is not None:
+            if settings.samples_per_epoch is not None:
                 raise SourceError("data.samples_per_epoch is only for sources without a manifest (resampled mode); "
                                   "these shard folders have manifests, which fix the epoch length: remove it")
             self.num_samples = plan.epoch_size(self.sources.shard_counts, self.sources.weights)
             reader = ShardReader(self.sources.shards)
         else:
-            if not samples_per_epoch or samples_per_epoch < 1:
+            if not settings.samples_per_epoch or settings.samples_per_epoch < 1:
                 specs = [s.spec for s in self.sources.sources if not s.exact]
                 raise SourceError(f"{specs} have no manifest, so the epoch length is unknown: set "
                                   "data.samples_per_epoch (resampled mode), or shard them with data_tools.shard")
-            self.num_samples, reader = int(samples_per_epoch), None
+            self.num_samples, reader = int(settings.samples_per_epoch), None
         self.mode = "exact" if self.sources.exact else "resampled"
-        self.stages = build_stages(tokenizer, image_config, image_token_id, image_token_len, max_seq_len,
-                                   max_pixels, reader)
-        self.collate = build_collator(tokenizer, batching, max_seq_len)
-        self.image_shape = image_config.output_shape
-        self.monitor = BadSampleMonitor(max_bad_fraction, min_seen)
+        self.stages = fmt.stages(reader)
+        self.collate = fmt.collator()
+        self.image_shape = fmt.image_config.output_shape
+        self.monitor = BadSampleMonitor(settings.max_bad_fraction, settings.min_seen)
         if self.micro_batches_per_epoch == 0:
             raise SourceError(
                 f"{self.num_samples} samples per epoch give no micro-batch: one optimizer step needs world_size x "
@@ -448,49 +412,30 @@ class EvalLoader(_Loader):
     """Held-out shards read once, in order, each rank a disjoint contiguous share, the last partial batch kept.
 
     Every rank yields `len(loader)` batches (some may be partial or empty), so per-batch collectives are safe.
+    Uses the batch size, rank, workers and bad-sample budget of `settings`. Raises SourceError for sources
+    without a manifest, ValueError for an invalid rank or batch size.
     """
 
-    def __init__(self, sources: Sequence[str], tokenizer: Any, image_config: ImagePreprocessConfig,
-                 image_token_id: int, image_token_len: int, max_seq_len: int, batch_size: int, world_size: int = 1,
-                 rank: int = 0, num_workers: int = 0, batching: str = "dynamic", max_bad_fraction: float = 0.01,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, pin_memory: bool = False, prefetch_factor: int = 2,
-                 min_seen: int = 100):
+    def __init__(self, sources: Sequence[str], fmt: SampleFormat, settings: LoaderSettings):
+        self.settings = settings
         self.sources = resolve_sources(sources, label="data.eval_shards")
         if not self.sources.exact:
             raise SourceError("data.eval_shards must be shard folders with manifest.json (made by data_tools.shard)")
-        if not 0 <= rank < world_size or batch_size < 1:
-            raise ValueError(f"invalid eval geometry: rank {rank}, world size {world_size}, batch size {batch_size}")
-        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        if not 0 <= settings.rank < settings.world_size or settings.batch_size < 1:
+            raise ValueError(f"invalid eval geometry: rank {settings.rank}, world size {settings.world_size}, "
+                             f"batch size {settings.batch_size}")
         reader = ShardReader(self.sources.shards)
         self.num_samples = len(reader)
-        self.stages = build_stages(tokenizer, image_config, image_token_id, image_token_len, max_seq_len,
-                                   max_pixels, reader)
-        self.collate = build_collator(tokenizer, batching, max_seq_len)
-        self.image_shape = image_config.output_shape
-        self.schedule = EvalSchedule(self.num_samples, world_size, rank, batch_size, max(1, num_workers))
-        self.monitor = BadSampleMonitor(max_bad_fraction, min_seen)
+        self.stages = fmt.stages(reader)
+        self.collate = fmt.collator()
+        self.image_shape = fmt.image_config.output_shape
+        self.schedule = EvalSchedule(self.num_samples, settings.world_size, settings.rank, settings.batch_size,
+                                     max(1, settings.num_workers))
+        self.monitor = BadSampleMonitor(settings.max_bad_fraction, settings.min_seen)
 
     def __len__(self) -> int:
+        """Batches every rank yields."""
         return self.schedule.micro_batches()
 
     def __iter__(self) -> Iterator[dict]:
         return self._iterate(BatchStream(self.schedule, self.stages, self.collate, 0, self.image_shape))
-
-
-def build_train_loader(cfg: Any, tokenizer: Any, image_config: ImagePreprocessConfig, image_token_id: int,
-                       image_token_len: int, world_size: int, rank: int, pin_memory: bool = False) -> TrainLoader:
-    """A TrainLoader from a `vlm.config.Config` (data.* and train.batch_size/accumulation_steps/seed)."""
-    d, t = cfg.data, cfg.train
-    return TrainLoader(d.train_shards, tokenizer, image_config, image_token_id, image_token_len, d.max_seq_len,
-                       t.batch_size, t.accumulation_steps, world_size, rank, d.num_workers, t.seed, d.chunk_size,
-                       d.batching, d.max_bad_fraction, d.max_pixels, d.samples_per_epoch, d.train_weights,
-                       pin_memory)
-
-
-def build_eval_loader(cfg: Any, tokenizer: Any, image_config: ImagePreprocessConfig, image_token_id: int,
-                      image_token_len: int, world_size: int, rank: int, pin_memory: bool = False) -> EvalLoader:
-    """An EvalLoader over data.eval_shards with the training batch size and batching."""
-    d = cfg.data
-    return EvalLoader(d.eval_shards, tokenizer, image_config, image_token_id, image_token_len, d.max_seq_len,
-                      cfg.train.batch_size, world_size, rank, d.num_workers, d.batching, d.max_bad_fraction,
-                      d.max_pixels, pin_memory)

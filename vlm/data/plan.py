@@ -36,10 +36,6 @@ the batches already delivered, without reading them, and the stream continues id
 segment: after a step boundary that just continues S after the consumed prefix, so with an unchanged G
 even the global batches (and the tail) stay the same. Several resizes in one epoch stack segments. No
 position is used twice or lost; only the last segment's tail is dropped.
-
-Format history: "vlm-data-position/1" positions were dealt in contiguous pieces per (rank, worker) slot.
-They are read only where that is lossless - nothing of the epoch consumed yet, or a resampled stream, which
-deals no samples; any other one raises PositionError (see `upgrade_position`).
 """
 
 from __future__ import annotations
@@ -50,7 +46,6 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 POSITION_FORMAT = "vlm-data-position/2"
-OLD_POSITION_FORMAT = "vlm-data-position/1"
 
 
 class PositionError(ValueError):
@@ -81,6 +76,10 @@ class Geometry:
         """G = W*B*A: the samples of one optimizer step across all ranks."""
         return self.world_size * self.batch_size * self.accumulation
 
+    def steps_per_epoch(self, num_samples: int) -> int:
+        """Optimizer steps an epoch of `num_samples` gives: whole global batches (the tail is dropped)."""
+        return num_samples // self.global_batch
+
     def same_dealing(self, other: Geometry) -> bool:
         """True if both deal the same micro-batches to the same (rank, micro_step): all but workers equal."""
         return replace(self, workers=other.workers) == other
@@ -88,7 +87,13 @@ class Geometry:
 
 def micro_batches(num_positions: int, geometry: Geometry) -> int:
     """M: micro-batches per rank for `num_positions` samples: whole global batches times the accumulation."""
-    return num_positions // geometry.global_batch * geometry.accumulation
+    return geometry.steps_per_epoch(num_positions) * geometry.accumulation
+
+
+def total_steps(num_samples: int, geometry: Geometry, epochs: int, max_steps: int | None = None) -> int:
+    """Optimizer steps of a whole run: steps per epoch x epochs, capped at `max_steps` (None: no cap)."""
+    steps = geometry.steps_per_epoch(num_samples) * epochs
+    return steps if max_steps is None else min(steps, max_steps)
 
 
 def worker_batches(total: int, slots: int, worker: int) -> int:
@@ -187,10 +192,12 @@ def new_position(seed: int, epoch: int, num_samples: int, geometry: Geometry) ->
 
 
 def _segment(geometry: Geometry, consumed: int) -> dict:
+    """One segment of a position: the geometry that plans it and the micro-batches delivered from it."""
     return {**asdict(geometry), "micro_batches_consumed": int(consumed)}
 
 
 def segment_geometry(segment: dict) -> Geometry:
+    """The Geometry a saved segment was planned with."""
     return Geometry(segment["world_size"], segment["workers"], segment["batch_size"], segment["accumulation"])
 
 
@@ -242,10 +249,10 @@ def with_consumed(position: dict, micro_batches_consumed: int) -> dict:
 def resume(position: dict, geometry: Geometry, seed: int, num_samples: int, exact: bool = True) -> dict:
     """`position` restored for a run with `geometry`: kept if it deals the same micro-batches, else re-planned.
 
-    `exact` is False for resampled streams: they deal no samples, so an old-format position can be read (see
-    upgrade_position), and any change of geometry starts a new segment.
+    `exact` is False for resampled streams: they deal no samples, and any change of geometry starts a new
+    segment. Raises PositionError when the position does not fit this data or seed.
     """
-    position = check_position(upgrade_position(position, exact))
+    position = check_position(position)
     if position["seed"] != seed:
         raise PositionError(f"the data position was saved with seed {position['seed']}, this run uses {seed}; "
                             "set train.seed back to resume the epoch without repeating samples")
@@ -266,27 +273,6 @@ def resume(position: dict, geometry: Geometry, seed: int, num_samples: int, exac
     else:
         segments.append(_segment(geometry, 0))
     return {**position, "segments": segments}
-
-
-def upgrade_position(position: dict, exact: bool = True) -> dict:
-    """A format-1 position in the current format where that loses nothing; anything else is returned as is.
-
-    Format 1 dealt contiguous pieces per (rank, worker), so its consumed micro-batches name other samples
-    than they would now. That only matters if some were consumed in an exact (manifest) epoch.
-    """
-    if not isinstance(position, dict) or position.get("format") != OLD_POSITION_FORMAT:
-        return position
-    segments = position.get("segments")
-    if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
-        return position  # malformed: check_position names the problem
-    consumed = [s.get("micro_batches_consumed") for s in segments]
-    if exact and any(consumed):
-        raise PositionError(
-            f"the data position ({OLD_POSITION_FORMAT}, micro-batches consumed per segment {consumed} in epoch "
-            f"{position.get('epoch')}) was written by an older vlm that dealt each rank and worker a contiguous "
-            "slice of the epoch; the current global-batch-major dealing cannot continue it exactly once. Resume "
-            "from a checkpoint saved at an epoch boundary, or finish this epoch with the version that wrote it")
-    return {**position, "format": POSITION_FORMAT}
 
 
 def check_position(position: dict) -> dict:

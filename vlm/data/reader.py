@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.manifest import ManifestError, load_index
-from vlm.data.errors import BadSample
 from vlm.data.sources import ShardInfo
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-TEXT_EXTENSIONS = ("json", "txt")
+from vlm.formats.constants import IMAGE_EXTENSIONS
+from vlm.formats.errors import BadSample
+from vlm.formats.manifest import ManifestError, load_index
 
 
 def split_tar_members(data: bytes, where: str) -> dict[str, bytes]:

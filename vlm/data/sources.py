@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.shardlists import expand_urls
 
-from data_tools.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from vlm.formats.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 _STREAM_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
 

@@ -28,18 +28,14 @@ from typing import Any
 import torch
 from jinja2 import TemplateError
 
-from vlm.data.errors import BadSample
+from vlm.formats.constants import IGNORE_INDEX, IMAGE_TAG
+from vlm.formats.errors import BadSample
+from vlm.formats.records import RESERVED_CHARS, check_conversations
 
-IGNORE_INDEX = -100
-IMAGE_TAG = "<image>"
 IM_END = "<|im_end|>"
-ROLES = ("system", "user", "assistant")
 
-# Private-use code points: never produced by real text, passed through verbatim by Jinja templates.
-_IMAGE = "\ue000"
-_OPEN = "\ue001"  # start of a non-reply content (system or user)
-_REPLY = "\ue002"  # start of an assistant reply (labelled)
-_CLOSE = "\ue003"  # end of any content
+# Private-use code points (`RESERVED_CHARS`, refused in records): passed through verbatim by Jinja templates.
+_IMAGE, _OPEN, _REPLY, _CLOSE = RESERVED_CHARS  # image; start of a system/user content; of a reply; end of any
 _SENTINELS = re.compile(f"([{_IMAGE}{_OPEN}{_REPLY}{_CLOSE}])")
 
 
@@ -50,8 +46,9 @@ class ChatTemplateError(ValueError):
 class ChatEncoder:
     """Picklable callable: (conversations, num_images) -> {"input_ids": (L,), "labels": (L,)} LongTensors.
 
-    Raises `BadSample` with reason `bad_conversation`, `image_count_mismatch`, `image_in_reply`,
-    `reserved_char`, `image_token_in_text`, `template_mismatch`, `image_truncated` or `no_labels`.
+    Raises `BadSample` with a reason of the record rules (`vlm.formats.records`: bad_roles, image_in_reply,
+    image_count_mismatch, ...) or of the encoding: `image_token_in_text`, `template_mismatch`,
+    `image_truncated` or `no_labels`.
     """
 
     def __init__(self, tokenizer: Any, image_token_id: int, image_token_len: int, max_seq_len: int):
@@ -75,9 +72,7 @@ class ChatEncoder:
 
     def encode(self, conversations: Sequence[dict], num_images: int) -> dict[str, torch.Tensor]:
         """Training sample: the whole conversation, labels on replies, truncated to `max_seq_len`."""
-        messages = _check_conversation(conversations, num_images)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise BadSample("no_labels", "no assistant message")
+        messages = check_conversations(conversations, num_images)
         ids, labels, runs = self._tokenize(self._render(messages, generation_prompt=False), messages)
         ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
         if any(end > self.max_seq_len for _, end in runs):
@@ -94,7 +89,7 @@ class ChatEncoder:
 
     def encode_prompt(self, conversations: Sequence[dict], num_images: int) -> torch.Tensor:
         """Generation prompt (for chat and eval): the conversation plus the assistant header, not truncated."""
-        messages = _check_conversation(conversations, num_images)
+        messages = check_conversations(conversations, num_images, prompt=True)
         ids, _, _ = self._tokenize(self._render(messages, generation_prompt=True), messages)
         return torch.tensor(ids, dtype=torch.long)
 
@@ -182,29 +177,3 @@ class ChatEncoder:
             ) from err
         if len(runs) != 1 or not any(label != IGNORE_INDEX for label in labels):
             raise ChatTemplateError(f"the chat template of {name} dropped the probe's image or reply")
-
-
-def _check_conversation(conversations: Any, num_images: int) -> list[dict]:
-    """Validate a record's conversations -> a list of {"role", "content"} dicts, or raise BadSample."""
-    if not isinstance(conversations, (list, tuple)) or not conversations:
-        raise BadSample("bad_conversation", "conversations must be a non-empty list")
-    messages, tags = [], 0
-    for i, message in enumerate(conversations):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if role not in ROLES or not isinstance(content, str):
-            raise BadSample("bad_conversation", f"message {i} needs a role in {ROLES} and a string content")
-        if role == "system" and i != 0:
-            raise BadSample(
-                "bad_conversation", f"system message at position {i}; only the first may be system"
-            )
-        if _SENTINELS.search(content):
-            raise BadSample("reserved_char", f"message {i} contains a private-use character U+E000..U+E003")
-        count = content.count(IMAGE_TAG)
-        if count and role == "assistant":
-            raise BadSample("image_in_reply", f"message {i} is an assistant reply with {IMAGE_TAG}")
-        tags += count
-        messages.append({"role": role, "content": content})
-    if tags != num_images:
-        raise BadSample("image_count_mismatch", f"{tags} {IMAGE_TAG} tags for {num_images} images")
-    return messages

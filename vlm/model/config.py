@@ -10,8 +10,7 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 
-# Names of the seed's model flags and the config fields they set.
-SEED_MODEL_ALIASES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "use_moe": "use_moe"}
+from vlm.config import ARCHITECTURE_FIELDS, architecture_defaults, architecture_problems
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -20,30 +19,23 @@ def default_intermediate_size(hidden_size: int) -> int:
 
 
 class MiniMindConfig(PretrainedConfig):
-    """The MiniMind language model (dense or MoE). Field names follow MiniMind's own config."""
+    """The MiniMind language model (dense or MoE). Field names follow MiniMind's own config.
+
+    The architecture fields of the training YAML (`vlm.config.ARCHITECTURE_FIELDS`: hidden_size,
+    num_hidden_layers, num_attention_heads, num_key_value_heads, use_moe, the MoE sizes, ...) are declared
+    once, in `vlm.config.ModelConfig`, and taken from there with their defaults; the arguments below are the
+    fields the YAML does not expose. Raises ValueError when the shapes do not fit together.
+    """
 
     model_type = "minimind"
 
     def __init__(
         self,
         vocab_size: int = 6400,
-        hidden_size: int = 512,
-        num_hidden_layers: int = 8,
-        num_attention_heads: int = 8,
-        num_key_value_heads: int = 2,
         intermediate_size: int | None = None,
         hidden_act: str = "silu",
-        max_position_embeddings: int = 32768,
-        rope_theta: float = 1e6,
         rms_norm_eps: float = 1e-5,
-        dropout: float = 0.0,
-        use_moe: bool = False,
-        n_routed_experts: int = 4,
-        num_experts_per_tok: int = 2,
-        n_shared_experts: int = 1,
         scoring_func: str = "softmax",
-        aux_loss_alpha: float = 0.1,
-        seq_aux: bool = True,
         norm_topk_prob: bool = True,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
@@ -51,24 +43,14 @@ class MiniMindConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
+        for name, default in architecture_defaults().items():
+            setattr(self, name, kwargs.pop(name, default))
+        self.use_moe = bool(self.use_moe)
         self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.intermediate_size = intermediate_size or default_intermediate_size(hidden_size)
+        self.intermediate_size = intermediate_size or default_intermediate_size(self.hidden_size)
         self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
-        self.dropout = dropout
-        self.use_moe = bool(use_moe)
-        self.n_routed_experts = n_routed_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.n_shared_experts = n_shared_experts
         self.scoring_func = scoring_func
-        self.aux_loss_alpha = aux_loss_alpha
-        self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
         super().__init__(
             bos_token_id=bos_token_id,
@@ -81,25 +63,12 @@ class MiniMindConfig(PretrainedConfig):
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: hidden_size / num_attention_heads."""
         return self.hidden_size // self.num_attention_heads
 
     def validate_shapes(self) -> None:
-        problems = []
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            problems.append(
-                f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-        if self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-            problems.append(
-                f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..n_routed_experts {self.n_routed_experts}"
-            )
+        """Raise ValueError listing every shape problem (the rules of `vlm.config.architecture_problems`)."""
+        problems = architecture_problems({name: getattr(self, name) for name in ARCHITECTURE_FIELDS})
         if self.scoring_func != "softmax":
             problems.append(f"scoring_func {self.scoring_func!r} is not supported (only 'softmax')")
         if problems:

@@ -29,11 +29,10 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from vlm.formats.constants import IGNORE_INDEX
 from vlm.model.config import MiniMindConfig
 from vlm.model.moe import FeedForward, MoEFeedForward, MoEGate
 from vlm.model.rope import RotaryEmbedding, apply_rotary
-
-IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):

@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-# CLIP's normalisation constants (the same as openai/clip-vit-base-patch16's preprocessor config).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from vlm.formats.constants import CLIP_MEAN, CLIP_STD
 
 TINY_VISION = dict(
     image_size=64,
@@ -52,8 +50,8 @@ def write_tiny_vision_encoder(folder: str | Path, seed: int = 0, **overrides) ->
     processor = CLIPImageProcessorPil(  # the PIL flavour of CLIPImageProcessor: same file, no torchvision
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
     )
     return save_vision_encoder(encoder, folder, processor)
 
@@ -74,13 +72,42 @@ def _read_model_type(folder: Path) -> str:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise VisionEncoderError(
-            f"vision encoder folder {folder} has no config.json; point model.vision_model_path at a CLIP "
+            f"vision encoder folder {folder} has no config.json; point model.vision_model at a CLIP "
             "folder saved with save_pretrained (e.g. a copy of openai/clip-vit-base-patch16)"
         )
     try:
         return json.loads(config_file.read_text()).get("model_type", "")
     except (OSError, json.JSONDecodeError) as err:
         raise VisionEncoderError(f"cannot read {config_file}: {err}") from err
+
+
+def read_vision_config(path: str | Path) -> CLIPVisionConfig:
+    """The vision tower's config of a CLIP folder (full `CLIPModel` or `CLIPVisionModel`), without its weights.
+
+    Raises VisionEncoderError naming the folder.
+    """
+    folder = Path(path).expanduser()
+    model_type = _checked_model_type(folder)
+    try:
+        if model_type == "clip":
+            return CLIPConfig.from_pretrained(folder).vision_config
+        return CLIPVisionConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise VisionEncoderError(f"cannot read the vision config in {folder}: {err}") from err
+
+
+def _checked_model_type(folder: Path) -> str:
+    if not folder.is_dir():
+        raise VisionEncoderError(
+            f"vision encoder folder {folder} does not exist; download CLIP ViT-B/16 there "
+            "(see README) or set model.vision_model"
+        )
+    model_type = _read_model_type(folder)
+    if model_type not in ("clip", "clip_vision_model"):
+        raise VisionEncoderError(
+            f"{folder} holds a {model_type!r} model; a CLIP vision model ('clip' or 'clip_vision_model') is needed"
+        )
+    return model_type
 
 
 def load_vision_encoder(path: str | Path) -> CLIPVisionModel:
@@ -90,16 +117,7 @@ def load_vision_encoder(path: str | Path) -> CLIPVisionModel:
     initialised is an error, not a warning.
     """
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise VisionEncoderError(
-            f"vision encoder folder {folder} does not exist; download CLIP ViT-B/16 there "
-            "(see README) or set model.vision_model_path"
-        )
-    model_type = _read_model_type(folder)
-    if model_type not in ("clip", "clip_vision_model"):
-        raise VisionEncoderError(
-            f"{folder} holds a {model_type!r} model; a CLIP vision model ('clip' or 'clip_vision_model') is needed"
-        )
+    model_type = _checked_model_type(folder)
     try:
         if model_type == "clip":  # a full CLIPModel folder: keep its vision tower, drop the text side
             full, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
@@ -118,6 +136,7 @@ def load_vision_encoder(path: str | Path) -> CLIPVisionModel:
 
 
 def freeze_vision_encoder(encoder: nn.Module) -> nn.Module:
+    """No gradients, eval mode (no dropout): the frozen tower's state. Returns `encoder`."""
     encoder.requires_grad_(False)
     return encoder.eval()
 

@@ -20,7 +20,6 @@ from torch import nn
 # Wrappers some trainers leave in front of every key (DDP's `module.`, torch.compile's `_orig_mod.`).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 VISION_ENCODER_PREFIX = "vision_encoder."
-PROJECTOR_PREFIX = "vision_proj."
 
 
 class WeightsMismatchError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from vlm.config import ConfigError, load_config, parse_cli_overrides
+from vlm.config import ConfigError, config_from_argv
 from vlm.data.image import ImageConfigError
 from vlm.data.pipeline import DataQualityError
 from vlm.data.plan import PositionError
@@ -14,7 +14,8 @@ from vlm.data.text import ChatTemplateError
 from vlm.model.vision_encoder import VisionEncoderError
 from vlm.model.weights import WeightsMismatchError
 from vlm.train.checkpoint import CheckpointError
-from vlm.train.trainer import TrainingError
+from vlm.train.launcher import normalize_launcher_env
+from vlm.train.trainer import TrainingError, run
 
 USER_ERRORS = (
     CheckpointError, ChatTemplateError, DataQualityError, FileNotFoundError, ImageConfigError, PositionError,
@@ -23,21 +24,17 @@ USER_ERRORS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train with the config and flags in `argv`; returns the exit code (0 done, 1 bad input, 2 bad config
+    or command line, 75 checkpointed on a stop signal)."""
     argv = sys.argv[1:] if argv is None else argv
-    config_path, overrides, leftovers = parse_cli_overrides(argv)
-    local_rank = overrides.pop("local_rank", None)  # injected by the deepspeed launcher; LOCAL_RANK also set
-    if leftovers:
-        print(f"error: unexpected arguments {leftovers}; flags look like --name value", file=sys.stderr)
-        return 2
     try:
-        cfg = load_config(config_path, overrides)
+        # --local_rank is injected by the deepspeed launcher (LOCAL_RANK is set too).
+        cfg, own = config_from_argv(argv, ("local_rank",))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    local_rank = own.get("local_rank")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vlm.train.distributed import normalize_launcher_env
-    from vlm.train.trainer import run
-
     normalize_launcher_env(local_rank_flag=int(local_rank) if local_rank is not None else None)
     try:
         return run(cfg)

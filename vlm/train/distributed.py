@@ -1,89 +1,29 @@
-"""The only module that talks to DeepSpeed: launcher variables, the process group, and the engine.
+"""The only module that imports DeepSpeed: process group, collectives, the engine, ZeRO-3 gathering and
+consolidation, universal-checkpoint conversion and the accelerator's RNG.
 
-Rank variables are understood from every launcher users have: the `deepspeed` launcher and torchrun
-(`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; the injected `--local_rank` flag too),
-SLURM's `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) and Open MPI's `mpirun`
-(`OMPI_COMM_WORLD_*`). A plain `python launch/train.py` is a world of one.
+Everything else calls the small functions here, so DeepSpeed's API surface (and any change of it) sits in
+one file. Launcher variables are read by `vlm.train.launcher`, the DeepSpeed JSON is built by
+`vlm.train.ds_config`; neither imports DeepSpeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
-import importlib.util
-import json
 import os
-import socket
+import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlm.config import ConfigError
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    launcher: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: int | None = None) -> DistEnv:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_* for one process) from whichever launcher started us."""
-    env = os.environ if env is None else env
-    pid, _, seen = env.get("VLM_LAUNCHER", "").partition(":")
-    if pid == str(os.getpid()):  # already normalised in this process (children inherit env, not this marker's pid)
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), seen)
-    launcher = "deepspeed/torchrun"
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        launcher = "slurm"
-    elif "RANK" not in env and "OMPI_COMM_WORLD_RANK" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
-        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
-        launcher = "openmpi"
-    elif "RANK" not in env:
-        env["RANK"], env["WORLD_SIZE"] = "0", "1"
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-        launcher = "single process"
-    if "LOCAL_RANK" not in env:
-        env["LOCAL_RANK"] = str(local_rank_flag if local_rank_flag is not None else 0)
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29500")
-    env["VLM_LAUNCHER"] = f"{os.getpid()}:{launcher}"
-    return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
-
-
-def launcher_problems(env: dict[str, str] | None = None) -> list[str]:
-    """Inconsistent launcher variables, found before any process group is formed."""
-    env = os.environ if env is None else env
-    problems = []
-    try:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
-    except (KeyError, ValueError) as err:
-        return [f"launcher variables RANK/WORLD_SIZE/LOCAL_RANK are missing or not integers ({err})"]
-    if not 0 <= rank < world:
-        problems.append(f"RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
-    if not 0 <= local <= rank:
-        problems.append(f"LOCAL_RANK={local} must be in 0..RANK ({rank})")
-    if world > 1 and not env.get("MASTER_ADDR"):
-        problems.append("MASTER_ADDR is not set for a multi-process run")
-    port = env.get("MASTER_PORT", "")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        problems.append(f"MASTER_PORT={port!r} is not a valid port")
-    return problems
+from vlm.train.launcher import DistEnv, normalize_launcher_env
 
 
 def _skip_cpu_shm_comm_build() -> None:
@@ -100,9 +40,7 @@ def _skip_cpu_shm_comm_build() -> None:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
+    """Form the process group of this launch (NCCL on GPUs, gloo on CPU); returns this process's place in it."""
     env = normalize_launcher_env()
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
@@ -118,117 +56,119 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return env
 
 
-def device_for_rank(local_rank: int, requested: str = "auto"):
-    """The torch.device this rank computes on: the accelerator of LOCAL_RANK unless the config says otherwise."""
-    import torch
-    from deepspeed.accelerator import get_accelerator
+def destroy_distributed() -> None:
+    """Tear the process group down (at exit, also after an error); a no-op when none was formed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
+
+def device_for_rank(local_rank: int, requested: str = "auto") -> torch.device:
+    """The torch.device this rank computes on: the accelerator of LOCAL_RANK unless the config says otherwise."""
     if requested != "auto":
         return torch.device(requested)
     name = get_accelerator().device_name()
     return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank)
 
 
-def read_ds_config(zero_stage: int, path: str | None) -> dict[str, Any]:
-    source = Path(path) if path else REPO_DS_CONFIGS / f"zero{zero_stage}.json"
-    if not source.is_file():
-        raise ConfigError([f"DeepSpeed config {source} does not exist (train.deepspeed_config / train.zero_stage)"])
-    try:
-        data = json.loads(source.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError([f"DeepSpeed config {source} is not valid JSON: {err}"]) from err
-    if not isinstance(data, dict):
-        raise ConfigError([f"DeepSpeed config {source} must hold a JSON object"])
-    return data
+def accelerator_name() -> str:
+    """'cuda', 'cpu', ...: the accelerator DeepSpeed detected (DS_ACCELERATOR overrides)."""
+    return get_accelerator().device_name()
 
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_OWNED_KEYS = ("optimizer", "scheduler", "gradient_clipping")
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+    """Wrap the model in a DeepSpeed engine; only parameters that require grad reach the optimizer.
 
-
-def batch_problems(batch_size: int, accumulation: int, world_size: int, global_batch: int | None = None) -> list[str]:
-    """global batch = micro batch x accumulation x data-parallel world size, checked once, clearly."""
-    problems = []
-    if batch_size < 1 or accumulation < 1 or world_size < 1:
-        problems.append(
-            f"batch arithmetic needs positive numbers: batch_size={batch_size}, "
-            f"accumulation_steps={accumulation}, world size={world_size}"
-        )
-    elif global_batch is not None and global_batch != batch_size * accumulation * world_size:
-        problems.append(
-            f"global batch {global_batch} != batch_size {batch_size} x accumulation_steps {accumulation} x "
-            f"world size {world_size} = {batch_size * accumulation * world_size}"
-        )
-    return problems
-
-
-def _precision(ds: dict[str, Any], dtype: str) -> list[str]:
-    """Fill bf16/fp16 'enabled' from the YAML dtype; report explicit JSON settings that contradict it."""
-    want = {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
-    problems = []
-    for key, enabled in want.items():
-        section = ds.setdefault(key, {})
-        current = section.get("enabled", "auto")
-        if current != "auto" and bool(current) != enabled:
-            problems.append(f"the DeepSpeed config sets {key}.enabled={current} but train.dtype is {dtype!r}")
-        section["enabled"] = enabled
-    return problems
-
-
-def build_ds_config(
-    train_cfg, world_size: int, total_steps: int, on_cpu: bool, monitor_dir: str | None = None
-) -> dict[str, Any]:
-    """The DeepSpeed config: ZeRO/precision/offload from JSON, everything else from the YAML (one source)."""
-    ds = read_ds_config(train_cfg.zero_stage, train_cfg.deepspeed_config)
-    problems = [f"remove '{k}' from the DeepSpeed config: batch sizes come from the YAML" for k in _BATCH_KEYS if k in ds]
-    problems += [f"remove '{k}' from the DeepSpeed config: it is set from the YAML's train section" for k in _OWNED_KEYS if k in ds]
-    problems += batch_problems(train_cfg.batch_size, train_cfg.accumulation_steps, world_size)
-    problems += _precision(ds, train_cfg.dtype)
-    if problems:
-        raise ConfigError(problems)
-    ds["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
-    ds["gradient_accumulation_steps"] = train_cfg.accumulation_steps
-    ds["train_batch_size"] = train_cfg.batch_size * train_cfg.accumulation_steps * world_size
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-    ds["optimizer"] = {
-        "type": "AdamW",
-        "params": {
-            "lr": train_cfg.learning_rate,
-            "betas": list(train_cfg.betas),
-            "eps": 1e-8,
-            "weight_decay": train_cfg.weight_decay,
-            # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam would be JIT-compiled first.
-            "torch_adam": on_cpu and not offload,
-        },
-    }
-    ds["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": max(total_steps, train_cfg.warmup_steps + 1),
-            "warmup_num_steps": train_cfg.warmup_steps,
-            "warmup_min_ratio": 0.0,
-            "warmup_type": "linear",
-            "cos_min_ratio": train_cfg.min_lr_ratio,
-        },
-    }
-    if train_cfg.grad_clip > 0:
-        ds["gradient_clipping"] = train_cfg.grad_clip
-    ds.setdefault("steps_per_print", 10**9)  # we log ourselves, every log_interval steps
-    if monitor_dir is not None:
-        ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}
-        if importlib.util.find_spec("tensorboard") is not None:
-            ds["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}
-        if train_cfg.wandb_project:
-            ds["wandb"] = {"enabled": True, "project": train_cfg.wandb_project}
-    return ds
-
-
-def build_engine(model, ds_config: dict[str, Any]):
-    """Wrap the model in a DeepSpeed engine; only parameters that require grad reach the optimizer."""
-    import deepspeed
-
+    Raises ValueError when nothing is trainable.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check train.trainable / train.trainable_patterns")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     return engine
+
+
+# -- collectives (all no-ops for a world of one) ----------------------------------------------------------
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the group (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Collective: wait until every rank got here."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: True on every rank if `flag` is True on at least one (an all-reduce of MAX)."""
+    return _reduce_flag(flag, device, dist.ReduceOp.MAX)
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Collective: True on every rank only if `flag` is True on all of them (an all-reduce of MIN)."""
+    return _reduce_flag(flag, device, dist.ReduceOp.MIN)
+
+
+def _reduce_flag(flag: bool, device: torch.device, op) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if world_size() > 1:
+        dist.all_reduce(value, op=op)
+    return bool(value.item() > 0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Collective: `tensor` summed over ranks, in place; returned for chaining."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# -- ZeRO-3 and checkpoints --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def gathered_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Collective under ZeRO-3: inside the block every rank holds the full parameters of `module` (read-only).
+
+    Without partitioned parameters (ZeRO 0-2, or no engine) it does nothing.
+    """
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def consolidated_zero3_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a ZeRO-3 checkpoint folder, merged from every rank's partition by DeepSpeed's
+    own utility (which unpickles DeepSpeed's files: only for checkpoints you wrote)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
+
+
+def convert_to_universal(checkpoint: Path, target: Path) -> str | None:
+    """DeepSpeed's universal checkpoint of `checkpoint` (loadable on any world size) written to `target`.
+
+    Runs `deepspeed.checkpoint.ds_to_universal` in a child process; returns None on success, else the end
+    of its error output.
+    """
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+           "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    return None if result.returncode == 0 else result.stderr[-3000:]
+
+
+def accelerator_rng_state() -> torch.Tensor | None:
+    """The accelerator's RNG state (None on CPU, where torch's own state covers it)."""
+    accelerator = get_accelerator()
+    return None if accelerator.device_name() == "cpu" else accelerator.get_rng_state()
+
+
+def set_accelerator_rng_state(state: torch.Tensor) -> None:
+    """Restore what `accelerator_rng_state` returned."""
+    get_accelerator().set_rng_state(state)

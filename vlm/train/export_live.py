@@ -6,28 +6,17 @@ from pathlib import Path
 
 import torch
 
+from vlm.build import Built
 from vlm.model.pretrained import save_vlm_folder
+from vlm.train import distributed
 
 
-def export_live(engine, built, folder: str | Path, is_main: bool) -> Path:
+def export_live(engine, built: Built, folder: str | Path, is_main: bool) -> Path:
     """Collective under ZeRO-3 (every rank calls it); rank 0 writes `folder` (see vlm.model.pretrained)."""
-    import deepspeed
-
     model = engine.module
-    params = list(model.parameters())
-    partitioned = any(hasattr(p, "ds_id") for p in params)
-    if partitioned:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if is_main:
-                _save(model, built, folder)
-    elif is_main:
-        _save(model, built, folder)
-    import deepspeed.comm as dist
-
-    dist.barrier()
+    with distributed.gathered_parameters(model):
+        if is_main:
+            with torch.no_grad():
+                save_vlm_folder(model, folder, built.tokenizer, built.vision_folder, dtype=torch.float32)
+    distributed.barrier()
     return Path(folder)
-
-
-def _save(model, built, folder) -> None:
-    with torch.no_grad():
-        save_vlm_folder(model, folder, built.tokenizer, built.vision_folder, dtype=torch.float32)

@@ -11,6 +11,8 @@ import signal
 
 import torch
 
+from vlm.train import distributed
+
 EXIT_CHECKPOINTED_ON_SIGNAL = 75  # EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -35,9 +37,4 @@ class StopFlag:
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: True on every rank if any rank received a stop signal."""
-        import deepspeed.comm as dist
-
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return distributed.any_rank(self.received is not None, device)

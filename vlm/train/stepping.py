@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm.data.image import PixelNormalizer
+from vlm.train import distributed
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
 
@@ -25,15 +26,6 @@ MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_
 class StepResult:
     loss: float | None  # this rank's loss for the micro-batch; None when it contributed nothing
     skipped_nonfinite: bool
-
-
-def _all_ranks_true(flag: bool, device: torch.device) -> bool:
-    import deepspeed.comm as dist
-
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() > 0)
 
 
 def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNormalizer) -> dict:
@@ -64,12 +56,12 @@ def run_micro_batch(
 ) -> StepResult:
     """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries)."""
     if int(batch["num_samples"]) == 0:
-        _all_ranks_true(True, device)  # keep the all-reduce sequence identical on every rank
+        distributed.all_ranks(True, device)  # keep the all-reduce sequence identical on every rank
         _zero_weight_backward(engine, device)
         return StepResult(None, False)
     out = engine(**model_inputs(batch, device, normalize_pixels))
     loss = out.loss.float() + out.aux_loss.float()
-    if not _all_ranks_true(bool(torch.isfinite(loss).item()), device):
+    if not distributed.all_ranks(bool(torch.isfinite(loss).item()), device):
         del out, loss  # drop the graph with the bad activations
         _zero_weight_backward(engine, device)
         return StepResult(None, True)
@@ -80,17 +72,15 @@ def run_micro_batch(
 
 @torch.no_grad()
 def evaluate_loss(
-    engine, loader, device: torch.device, world_size: int, normalize_pixels: PixelNormalizer
+    engine, loader, device: torch.device, normalize_pixels: PixelNormalizer
 ) -> float:
     """Token-weighted mean loss over the eval loader, across ranks (ranks with fewer batches run dummies)."""
-    import deepspeed.comm as dist
-
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     batches = iter(loader)
     while True:
         batch = next(batches, None)
-        if not _any_rank_true(batch is not None, device, world_size):
+        if not distributed.any_rank(batch is not None, device):
             break
         if batch is None or int(batch["num_samples"]) == 0:
             engine(**_dummy_inputs(engine, device))  # ZeRO-3 gathers weights collectively in forward
@@ -98,16 +88,6 @@ def evaluate_loss(
         out = engine(**model_inputs(batch, device, normalize_pixels))
         tokens = int(batch["num_label_tokens"])
         total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.all_reduce(total)
+    distributed.all_reduce_sum(total)
     engine.train()
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
-
-
-def _any_rank_true(flag: bool, device: torch.device, world_size: int) -> bool:
-    import deepspeed.comm as dist
-
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)

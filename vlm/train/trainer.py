@@ -21,22 +21,22 @@ import torch
 from tqdm import tqdm
 
 from vlm.build import Built, build
-from vlm.config import Config, validate_config
+from vlm.config import Config
+from vlm.data import plan
 from vlm.data.image import PixelNormalizer
-from vlm.data.pipeline import build_eval_loader, build_train_loader
-from vlm.doctor import check_at_startup
-from vlm.train import checkpoint as ckpt
-from vlm.train.audit import SampleAudit
-from vlm.train.distributed import (
-    build_ds_config,
-    build_engine,
-    device_for_rank,
-    init_distributed,
-)
+from vlm.data.pipeline import EvalLoader, LoaderSettings, TrainLoader
+from vlm.train import distributed
+from vlm.train.audit import SampleAudit, truncate_audit
+from vlm.train.checkpoint import read_meta, resolve_resume
+from vlm.train.ds_config import build_ds_config
+from vlm.train.engine_state import load_checkpoint, save_checkpoint
+from vlm.train.export_live import export_live
 from vlm.train.freeze import apply_trainable_policy
-from vlm.train.metrics import MetricsLog, StepTimer, plot_loss, train_flops_per_token
+from vlm.train.launcher import DistEnv, normalize_launcher_env
+from vlm.train.metrics import MetricsLog, StepTimer, detect_peak_flops, plot_loss, train_flops_per_token
+from vlm.train.preflight import check_at_startup
 from vlm.train.signals import EXIT_CHECKPOINTED_ON_SIGNAL, StopFlag
-from vlm.train.stepping import MODEL_INPUTS, StepResult, run_micro_batch
+from vlm.train.stepping import StepResult, evaluate_loss, run_micro_batch
 
 log = logging.getLogger("vlm.train")
 
@@ -46,13 +46,20 @@ class TrainingError(RuntimeError):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (initialisation; the data order has its own seeds)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, built: Built, engine, loader, eval_loader, dist_env, device, start: dict):
+    """The training loop of one rank: micro-batches through the engine, logging, eval, checkpoints, signals.
+
+    `start` holds the optimizer step to continue from ({"step": n} after a resume, {} for a fresh run).
+    """
+
+    def __init__(self, cfg: Config, built: Built, engine, loader: TrainLoader, eval_loader: EvalLoader | None,
+                 dist_env: DistEnv, device: torch.device, start: dict):
         self.cfg, self.built, self.engine = cfg, built, engine
         self.loader, self.eval_loader = loader, eval_loader
         self.env, self.device = dist_env, device
@@ -71,11 +78,12 @@ class Trainer:
         mc = built.model.config
         self.flops_per_token = train_flops_per_token(lm_params, mc.num_hidden_layers, mc.hidden_size,
                                                      cfg.data.max_seq_len)
-        steps_per_epoch = loader.micro_batches_per_epoch // cfg.train.accumulation_steps
-        self.total_steps = min(steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 10**18)
+        self.total_steps = plan.total_steps(loader.num_samples, loader.geometry, cfg.train.epochs,
+                                            cfg.train.max_steps)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> int:
+        """Train until the last step or a stop signal; returns 0, or EXIT_CHECKPOINTED_ON_SIGNAL."""
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", unit="step")
         try:
             while self.loader.epoch < self.cfg.train.epochs and self.step < self.total_steps:
@@ -146,20 +154,15 @@ class Trainer:
         loss = self.evaluate() if self.eval_loader is not None else None
         if self.is_main:
             plot_loss(self.metrics.read(), self.out_dir / "loss.png", title=f"{self.cfg.train.stage} loss")
-        from vlm.train.export_live import export_live
-
         export_live(self.engine, self.built, self.out_dir / "export", self.is_main)
         if self.is_main and loss is not None:
             log.info("final eval loss %.4f", loss)
 
     # -- logging, eval, checkpoints ------------------------------------------------------------------
     def _log(self) -> None:
-        import deepspeed.comm as dist
-
         losses = [r.loss for r in self.window if r.loss is not None]
-        stats = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=self.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(stats)
+        stats = distributed.all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64,
+                                                        device=self.device))
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else None  # None: every micro-batch was skipped
         summary = self.timer.summary(self.env.world_size, self.peak_flops)
         remaining = self.total_steps - self.step
@@ -185,33 +188,31 @@ class Trainer:
 
     @property
     def peak_flops(self) -> float | None:
+        """Peak FLOP/s of this rank's device for MFU: train.peak_flops, else a known GPU's, else None."""
         if self.cfg.train.peak_flops:
             return self.cfg.train.peak_flops
-        from vlm.train.metrics import detect_peak_flops
-
         if self.device.type == "cuda":
             return detect_peak_flops(torch.cuda.get_device_name(self.device))
         return None
 
     def evaluate(self) -> float | None:
+        """Collective: the eval loss over data.eval_shards (logged and returned); None without eval shards."""
         if self.eval_loader is None:
             return None
-        from vlm.train.stepping import evaluate_loss
-
-        loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.env.world_size,
-                             self.normalize_pixels)
+        loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.normalize_pixels)
         self.metrics.write({"step": self.step, "epoch": self.loader.epoch, "eval_loss": loss})
         if self.is_main:
             tqdm.write(f"step {self.step} eval loss {loss:.4f}")
         return loss
 
     def save(self, data_state: dict) -> None:
+        """Collective: a checkpoint of this step with the loader position `data_state`."""
         meta = {
             "epoch": data_state.get("epoch", self.loader.epoch), "data_state": data_state,
             "world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
             "config": self.cfg.to_dict(), "total_steps": self.total_steps,
         }
-        path = ckpt.save_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
+        path = save_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
         self.saved_step = self.step
         if self.audit is not None:
             self.audit.flush()
@@ -235,52 +236,61 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def run(cfg: Config) -> int:
-    """Set everything up and train; returns the exit code."""
-    validate_config(cfg)  # every config problem, before any process group or model exists
-    env = init_distributed()
-    check_at_startup(cfg, env.world_size, env.rank, device_for_rank(env.local_rank, cfg.train.device))
+    """Check, set everything up, train, and tear the process group down (also on error); returns the exit code.
+
+    A single process runs the preflight before anything else; several ranks run it once the process group
+    exists, so that they stop together when any of them finds a problem.
+    """
+    if normalize_launcher_env().world_size == 1:
+        check_at_startup(cfg, 1, 0)
+    env = distributed.init_distributed()
+    try:
+        device = distributed.device_for_rank(env.local_rank, cfg.train.device)
+        if env.world_size > 1:
+            check_at_startup(cfg, env.world_size, env.rank, lambda flag: distributed.any_rank(flag, device))
+        return _train(cfg, env, device)
+    finally:
+        distributed.destroy_distributed()
+
+
+def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     built = build(cfg)
     counts = apply_trainable_policy(built.model, cfg.train.trainable, cfg.train.trainable_patterns)
-    device = device_for_rank(env.local_rank, cfg.train.device)
-    args = (cfg, built.tokenizer, built.image_config, built.image_token_id, built.model.config.image_token_len,
-            env.world_size, env.rank)
-    loader = build_train_loader(*args, pin_memory=device.type == "cuda")
-    eval_loader = build_eval_loader(*args) if cfg.data.eval_shards else None
-    resume = ckpt.resolve_resume(out_dir, cfg.train.resume)
-    meta = ckpt.read_meta(resume) if resume else None
+    fmt = built.sample_format(cfg.data)
+    settings = LoaderSettings.from_config(cfg, env.world_size, env.rank, pin_memory=device.type == "cuda")
+    loader = TrainLoader(cfg.data.train_shards, fmt, settings)
+    eval_loader = EvalLoader(cfg.data.eval_shards, fmt, settings) if cfg.data.eval_shards else None
+    resume = resolve_resume(out_dir, cfg.train.resume)
+    meta = read_meta(resume) if resume else None
     universal = meta is not None and meta["world_size"] != env.world_size
-    steps_per_epoch = loader.micro_batches_per_epoch // cfg.train.accumulation_steps
-    if steps_per_epoch < 1:
+    total = plan.total_steps(loader.num_samples, loader.geometry, cfg.train.epochs, cfg.train.max_steps)
+    if total < 1:
         raise TrainingError(
             f"the training data gives {loader.micro_batches_per_epoch} micro-batches per rank per epoch: fewer "
-            f"than one optimizer step (batch_size {cfg.train.batch_size} x accumulation_steps "
-            f"{cfg.train.accumulation_steps} x world size {env.world_size}); use smaller batches or more data"
+            f"than one optimizer step (global batch {loader.geometry.global_batch} = batch_size "
+            f"{cfg.train.batch_size} x accumulation_steps {cfg.train.accumulation_steps} x world size "
+            f"{env.world_size}); use smaller batches or more data"
         )
-    total = min(steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 10**18)
-    ds_config = build_ds_config(cfg.train, env.world_size, total, device.type == "cpu",
+    ds_config = build_ds_config(cfg.train, loader.geometry, total, device.type == "cpu",
                                 str(out_dir / "logs") if env.rank == 0 else None)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    engine = build_engine(built.model, ds_config)
+    engine = distributed.build_engine(built.model, ds_config)
     start = {}
     if resume is not None:
-        meta = ckpt.load_checkpoint(engine, resume, load_universal=universal)
+        meta = load_checkpoint(engine, resume, load_universal=universal)
         loader.load_state_dict(meta["data_state"])
         start = {"step": meta["step"]}
         if cfg.data.log_samples and env.rank == 0:
-            from vlm.train.audit import truncate_audit
-
             truncate_audit(out_dir, meta["data_state"])
     else:
         loader.set_epoch(0)
     if env.rank == 0:
         _print_header(cfg, env, counts, loader, resume, total)
-    import deepspeed.comm as dist
-
-    dist.barrier()
+    distributed.barrier()
     return Trainer(cfg, built, engine, loader, eval_loader, env, device, start).fit()
 
 
@@ -295,4 +305,3 @@ def _print_header(cfg: Config, env, counts: dict, loader, resume, total: int) ->
     tqdm.write(json.dumps(lines, indent=1))
 
 
-__all__ = ["run", "Trainer", "TrainingError", "MODEL_INPUTS"]

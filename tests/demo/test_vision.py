@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from data_tools.shapes import COLOURS, KINDS, POSITIONS, SIZES
-from vlm.demo_vision import IGNORE, one_shape_labels, train_vision_encoder
+from vlm.demo.vision import IGNORE_INDEX, one_shape_labels, train_vision_encoder
 from vlm.model.vision_encoder import encode_images, load_vision_encoder
 
-TINY_SHARDS = Path(__file__).parent / "fixtures" / "tiny_shards"  # captions like "A red square.": no labels
+TINY_SHARDS = Path(__file__).parents[1] / "fixtures" / "tiny_shards"  # captions like "A red square.": no labels
 
 
 def test_labels_come_from_one_shape_captions_only():
@@ -19,7 +19,7 @@ def test_labels_come_from_one_shape_captions_only():
     assert labels == [KINDS.index("circle"), list(COLOURS).index("red"), POSITIONS.index("middle left"),
                       SIZES.index("large")]
     gray = one_shape_labels("One shape, in grayscale: a small star in the top right.")
-    assert gray is not None and gray[1] == IGNORE and gray[0] == KINDS.index("star")
+    assert gray is not None and gray[1] == IGNORE_INDEX and gray[0] == KINDS.index("star")
     assert one_shape_labels("Two shapes: a large red circle in the top left and a small blue square in the "
                             "center.") is None
     assert one_shape_labels("Nothing I can parse.") is None
@@ -49,8 +49,8 @@ def test_bad_settings_and_a_corpus_without_one_shape_captions_are_clear_errors(s
 
 
 def test_the_demo_stage_turns_a_corpus_without_labels_into_a_stage_error(tmp_path):
-    from vlm.demo import DemoSettings
-    from vlm.demo_stages import DemoPaths, StageError, teach_vision
+    from vlm.demo.settings import DemoPaths, DemoSettings
+    from vlm.demo.stages import StageError, teach_vision
 
     paths = DemoPaths(tmp_path / "data", tmp_path / "out")
     paths.shards("pretrain").parent.mkdir(parents=True)

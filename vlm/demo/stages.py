@@ -15,80 +15,22 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from vlm.demo import DemoSettings
+from vlm.demo.settings import SPLITS, DemoPaths, DemoSettings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 CONFIGS = REPO / "launch" / "configs"
-STAGES = ("corpus", "shards", "vision", "pretrain", "sft", "export", "eval")
-SPLITS = ("pretrain", "sft", "eval")
 _BAR = re.compile(r"train:.*?(\d+)/(\d+) \[")
 _LOG_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.naif]+)|eval loss ([0-9.naif]+)")
 
 
 class StageError(RuntimeError):
     """A demo stage failed; the message says which and where its log is."""
-
-
-@dataclass(frozen=True)
-class DemoPaths:
-    """Where a demo run keeps things: data under `data`, everything it makes under `out`."""
-
-    data: Path
-    out: Path
-
-    @property
-    def dataset(self) -> Path:
-        return self.data / "dataset"
-
-    def shards(self, split: str) -> Path:
-        return self.data / "shards" / split
-
-    def stage_out(self, stage: str) -> Path:
-        return self.out / stage
-
-    @property
-    def vision(self) -> Path:
-        """The vision encoder taught by the `vision` stage (a CLIP folder the pretrain stage starts from)."""
-        return self.out / "vision_model"
-
-    @property
-    def export(self) -> Path:
-        return self.stage_out("sft") / "export"
-
-    @property
-    def minimind(self) -> Path:
-        return self.out / "demo_vlm.pth"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.out / "loss.png"
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report.json"
-
-    @property
-    def eval_json(self) -> Path:
-        return self.out / "eval.json"
-
-    @property
-    def eval_images(self) -> Path:
-        return self.dataset / "eval_images"
-
-    def listing(self) -> dict[str, str]:
-        return {"dataset": str(self.dataset), "shards": str(self.data / "shards"), "vision_model": str(self.vision),
-                "export": str(self.export),
-                "minimind_pth": str(self.minimind), "loss_plot": str(self.loss_plot),
-                "loss_plots": [str(self.stage_out(s) / "loss.png") for s in ("pretrain", "sft")],
-                "eval_json": str(self.eval_json), "report": str(self.report)}
 
 
 def make_corpus(paths: DemoPaths, settings: DemoSettings) -> bool:
@@ -213,10 +155,10 @@ def _follow(line: str, bar: tqdm, log: Any) -> None:
 
 
 def teach_vision(paths: DemoPaths, settings: DemoSettings) -> dict | None:
-    """The `vision` stage (see vlm.demo_vision); None when --vision_steps is 0."""
+    """The `vision` stage (see vlm.demo.vision); None when --vision_steps is 0."""
     if settings.vision_steps <= 0:
         return None
-    from vlm.demo_vision import train_vision_encoder
+    from vlm.demo.vision import train_vision_encoder
 
     if paths.vision.is_dir():
         shutil.rmtree(paths.vision)

@@ -7,7 +7,7 @@
 Everything trains from scratch (the built-in tokenizer, the tiny CLIP-style vision encoder, a small
 MiniMind language model), since nothing pretrained can be downloaded. The `vision` stage first teaches
 the vision encoder the attributes of one-shape pretrain pictures (the stand-in for a pretrained CLIP; see
-`vlm.demo_vision`). Both VLM stages then run through the real trainer (`launch/train.py`, the DeepSpeed
+`vlm.demo.vision`). Both VLM stages then run through the real trainer (`launch/train.py`, the DeepSpeed
 engine; `deepspeed --num_gpus N` with --ranks N > 1) with `launch/configs/demo_pretrain.yaml` and
 `demo_sft.yaml`, every parameter trainable. Data goes to `--data` (default data/demo: never the user's
 dataset/), everything else to `--out` (default out/demo): each stage's out_dir with metrics.jsonl,
@@ -25,14 +25,12 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vlm.demo_stages import (
-    STAGES,
-    DemoPaths,
+from vlm.demo.settings import STAGES, TINY, TINY_TRAIN_ARGS, DemoPaths, DemoSettings
+from vlm.demo.stages import (
     StageError,
     export_minimind,
     make_corpus,
@@ -42,35 +40,6 @@ from vlm.demo_stages import (
     teach_vision,
     train_stage,
 )
-
-# --tiny: a smoke run of every stage (the tests use it); a short warm-up so that the loss visibly falls.
-TINY = {"pretrain": 96, "sft": 64, "eval": 16, "pretrain_epochs": 1, "sft_epochs": 1, "batch_size": 8,
-        "vision_steps": 10, "pretrain_steps": 8, "sft_steps": 6, "log_interval": 2, "num_workers": 0}
-TINY_TRAIN_ARGS = ["--train.warmup_steps=2"]
-
-
-@dataclass
-class DemoSettings:
-    """What a demo run does; `python -m vlm.demo --help` documents each field."""
-
-    data: str = "data/demo"
-    out: str = "out/demo"
-    pretrain: int = 16000  # new pictures beat repeated ones: 2 passes over 16000 captions = 1000 steps
-    sft: int = 1500
-    eval: int = 400
-    seed: int = 0
-    vision_steps: int = 1000
-    pretrain_epochs: int = 2
-    sft_epochs: int = 2
-    pretrain_steps: int | None = None
-    sft_steps: int | None = None
-    batch_size: int = 32
-    dtype: str = "float32"  # on CPUs without fast bf16 kernels a bf16 step took 2.3x as long (0.80 vs 0.35 s)
-    ranks: int = 1
-    num_workers: int = 1
-    log_interval: int = 25
-    table: int = 12
-    train_args: list[str] = field(default_factory=list)
 
 
 def _parse_args(argv: list[str] | None) -> DemoSettings:

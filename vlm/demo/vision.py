@@ -7,7 +7,7 @@ on 16000 fresh captions (0.57 after 1250 steps on 4000 repeated ones; the learni
 batch sizes tried all plateaued like this). Trained directly on the attributes of one-shape pictures, the same
 encoder reaches kind 0.97-0.99 in 1000 steps (about 75 s). So this stage trains the encoder to name the kind,
 colour, position and size of the pretrain split's one-shape pictures, read back from their captions with
-`data_tools.synth.parse_description` (no held-out picture is used for training), through a linear head on its
+`data_tools.synth_text.parse_description` (no held-out picture is used for training), through a linear head on its
 mean-pooled patch features: the same features the projector reads later. The head is thrown away; the encoder
 is saved as a CLIP folder, and both VLM stages start from it and keep training it (every parameter stays
 trainable). With it, the same 500 pretrain steps give kind 0.79 instead of 0.46.
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_tools.shapes import COLOURS, KINDS, POSITIONS, SIZES
-from data_tools.synth import parse_description
+from data_tools.synth_text import parse_description
 from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor
 from vlm.eval import records_from_shards
+from vlm.formats.constants import IGNORE_INDEX
 from vlm.model.vision_encoder import (
     encode_images,
     load_vision_encoder,
@@ -35,16 +36,15 @@ from vlm.model.vision_encoder import (
 
 # One classification head per attribute, in this order; their vocabularies are the corpus's own.
 ATTRIBUTES = {"kind": KINDS, "colour": tuple(COLOURS), "position": POSITIONS, "size": SIZES}
-IGNORE = -100
 
 
 def one_shape_labels(caption: str) -> list[int] | None:
-    """[kind, colour, position, size] indices of a one-shape English caption (colour IGNORE when grayscale)."""
+    """[kind, colour, position, size] indices of a one-shape English caption (colour IGNORE_INDEX when grayscale)."""
     shapes = parse_description(caption, "en")
     if len(shapes) != 1:
         return None
     shape = shapes[0]
-    return [IGNORE if shape[name] is None else values.index(shape[name]) for name, values in ATTRIBUTES.items()]
+    return [IGNORE_INDEX if shape[name] is None else values.index(shape[name]) for name, values in ATTRIBUTES.items()]
 
 
 def labelled_pictures(shards: str | Path, preprocess: ImagePreprocessor
@@ -77,13 +77,13 @@ class AttributeHeads(torch.nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         parts = logits.split(self.sizes, dim=1)
-        return sum(F.cross_entropy(part, labels[:, i], ignore_index=IGNORE) for i, part in enumerate(parts))
+        return sum(F.cross_entropy(part, labels[:, i], ignore_index=IGNORE_INDEX) for i, part in enumerate(parts))
 
     def accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         parts = logits.split(self.sizes, dim=1)
         out = {}
         for i, name in enumerate(ATTRIBUTES):
-            known = labels[:, i] != IGNORE
+            known = labels[:, i] != IGNORE_INDEX
             out[name] = float((parts[i].argmax(1) == labels[:, i])[known].float().mean()) if known.any() else None
         return out
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from vlm import demo
-from vlm.demo_stages import STAGES, DemoPaths, make_corpus, make_shards, train_args, trainer_command
+from vlm.demo import driver as demo
+from vlm.demo.settings import STAGES, DemoPaths
+from vlm.demo.stages import make_corpus, make_shards, train_args, trainer_command
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _metrics(out_dir: Path) -> list[dict]:

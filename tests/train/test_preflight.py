@@ -7,6 +7,7 @@ import torch.distributed
 from tests.launching import REPO
 from vlm import doctor
 from vlm.config import ConfigError, load_config
+from vlm.train import preflight
 
 DEBUG = REPO / "launch" / "configs" / "debug.yaml"
 TINY_SHARDS = REPO / "tests" / "fixtures" / "tiny_shards"  # 6 samples in 2 shards
@@ -18,30 +19,30 @@ def config(tmp_path, **overrides):
     return load_config(DEBUG, {**base, **overrides})
 
 
-def findings(report, check, level=doctor.PROBLEM):
+def findings(report, check, level=preflight.PROBLEM):
     return [f.message for f in report.findings if f.check == check and f.level == level]
 
 
 def test_a_good_config_is_ready_and_starts_no_process_group(tmp_path):
-    report = doctor.run_checks(config(tmp_path), SINGLE, load=False)
+    report = preflight.run_checks(config(tmp_path), SINGLE, load=False)
     assert report.problems == [], report.render("")
     assert {f.check for f in report.findings} == {"config", "launcher", "batch", "files", "out_dir"}
-    assert "6 samples per epoch = 6 steps" in findings(report, "batch", doctor.OK)[0]
+    assert "6 samples per epoch = 6 steps" in findings(report, "batch", preflight.OK)[0]
     assert not torch.distributed.is_initialized()
     assert not (tmp_path / "out").exists()  # the doctor writes nothing into out_dir
 
 
 def test_batch_larger_than_the_data_is_a_problem(tmp_path):
-    report = doctor.run_checks(config(tmp_path, batch_size="4"), SINGLE, world_size=2, load=False)
+    report = preflight.run_checks(config(tmp_path, batch_size="4"), SINGLE, world_size=2, load=False)
     (message,) = findings(report, "batch")
     assert "global batch 4 x 1 x 2 ranks = 8" in message and "only 6 samples" in message
 
 
 def test_world_size_flag_and_launcher_world_size_both_count(tmp_path):
     env = {**SINGLE, "RANK": "1", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
-    assert findings(doctor.run_checks(config(tmp_path), env, load=False), "batch")  # 8 ranks > 6 samples
-    report = doctor.run_checks(config(tmp_path), env, world_size=2, load=False)
-    assert "differs from the launcher's WORLD_SIZE 8" in findings(report, "launcher", doctor.WARNING)[0]
+    assert findings(preflight.run_checks(config(tmp_path), env, load=False), "batch")  # 8 ranks > 6 samples
+    report = preflight.run_checks(config(tmp_path), env, world_size=2, load=False)
+    assert "differs from the launcher's WORLD_SIZE 8" in findings(report, "launcher", preflight.WARNING)[0]
 
 
 def test_missing_files_are_each_named(tmp_path):
@@ -51,43 +52,43 @@ def test_missing_files_are_each_named(tmp_path):
                               "train.deepspeed_config": str(tmp_path / "ds.json"),
                               "eval_shards": str(tmp_path / "no_eval")})
     cfg.model.vision_trainable = False
-    problems = "\n".join(findings(doctor.run_checks(cfg, SINGLE, load=False), "files"))
+    problems = "\n".join(findings(preflight.run_checks(cfg, SINGLE, load=False), "files"))
     for name in ("no_tok", "no_clip", "lm.pth", "ds.json", "no_eval"):
         assert name in problems, (name, problems)
 
 
 def test_missing_shards_are_a_data_problem(tmp_path):
-    report = doctor.run_checks(config(tmp_path, train_shards=str(tmp_path / "nowhere")), SINGLE, load=False)
+    report = preflight.run_checks(config(tmp_path, train_shards=str(tmp_path / "nowhere")), SINGLE, load=False)
     assert "nowhere" in findings(report, "data")[0]
 
 
 def test_weights_that_do_not_load_or_do_not_fit_are_problems(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    report = doctor.run_checks(config(tmp_path, **{"model.init_weights": str(garbage)}), SINGLE, load=True)
+    report = preflight.run_checks(config(tmp_path, **{"model.init_weights": str(garbage)}), SINGLE, load=True)
     (message,) = findings(report, "files")
     assert message.startswith(f"model.init_weights: {garbage} does not load")
     other_model = tmp_path / "other.pth"
     torch.save({"bogus.weight": torch.zeros(2)}, other_model)
-    report = doctor.run_checks(config(tmp_path, **{"model.init_weights": str(other_model)}), SINGLE, load=True)
+    report = preflight.run_checks(config(tmp_path, **{"model.init_weights": str(other_model)}), SINGLE, load=True)
     (message,) = findings(report, "files")
     assert "building the model failed" in message and "bogus.weight" in message
 
 
 def test_loading_a_good_config_counts_parameters(tmp_path):
-    report = doctor.run_checks(config(tmp_path), SINGLE, load=True)
+    report = preflight.run_checks(config(tmp_path), SINGLE, load=True)
     assert report.problems == []
-    assert "parameters" in findings(report, "files", doctor.OK)[-1]
-    assert "one checkpoint is about" in findings(report, "out_dir", doctor.OK)[0]
+    assert "parameters" in findings(report, "files", preflight.OK)[-1]
+    assert "one checkpoint is about" in findings(report, "out_dir", preflight.OK)[0]
 
 
 def test_out_dir_that_cannot_be_written_is_a_problem(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    report = doctor.run_checks(config(tmp_path, out_dir=str(blocker / "out")), SINGLE, load=False)
+    report = preflight.run_checks(config(tmp_path, out_dir=str(blocker / "out")), SINGLE, load=False)
     assert "is not a folder" in findings(report, "out_dir")[0]
     # /proc takes no new files, not even from root (CI runs as root, so chmod would not do)
-    report = doctor.run_checks(config(tmp_path, out_dir="/proc/vlm-doctor-out"), SINGLE, load=False)
+    report = preflight.run_checks(config(tmp_path, out_dir="/proc/vlm-doctor-out"), SINGLE, load=False)
     assert "cannot write in /proc" in findings(report, "out_dir")[0]
 
 
@@ -102,26 +103,26 @@ def test_inconsistent_launcher_variables_are_problems(tmp_path):
         ("does not resolve", {**SINGLE, "MASTER_ADDR": "no-such-host.invalid"}),  # checked before a launch
     ]
     for expected, env in cases:
-        problems = findings(doctor.run_checks(cfg, env, load=False), "launcher")
+        problems = findings(preflight.run_checks(cfg, env, load=False), "launcher")
         assert any(expected in p for p in problems), (expected, problems)
 
 
 def test_slurm_variables_are_understood(tmp_path):
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "localhost",
            "MASTER_PORT": "20017"}
-    report = doctor.run_checks(config(tmp_path), env, load=False)
-    assert findings(report, "launcher", doctor.OK) == ["slurm: rank 1 of 2, local rank 0, master localhost:20017"]
+    report = preflight.run_checks(config(tmp_path), env, load=False)
+    assert findings(report, "launcher", preflight.OK) == ["slurm: rank 1 of 2, local rank 0, master localhost:20017"]
 
 
 def test_workers_shards_and_steps_warnings(tmp_path):
-    report = doctor.run_checks(config(tmp_path, num_workers="8", max_steps="100"), SINGLE, load=False)
-    warnings = "\n".join(findings(report, "batch", doctor.WARNING))
+    report = preflight.run_checks(config(tmp_path, num_workers="8", max_steps="100"), SINGLE, load=False)
+    warnings = "\n".join(findings(report, "batch", preflight.WARNING))
     assert "data.num_workers 8 is more than the 6 micro-batches" in warnings
     assert "train.max_steps 100 is more than epochs x steps per epoch = 6" in warnings
     stream = str(TINY_SHARDS / "tiny-{000000..000001}.tar")
     cfg = config(tmp_path, train_shards=stream, num_workers="2", **{"data.samples_per_epoch": "64"})
-    report = doctor.run_checks(cfg, SINGLE, world_size=2, load=False)
-    assert "2 shard(s) for 4 readers" in findings(report, "data", doctor.WARNING)[0]
+    report = preflight.run_checks(cfg, SINGLE, world_size=2, load=False)
+    assert "2 shard(s) for 4 readers" in findings(report, "data", preflight.WARNING)[0]
 
 
 def test_cli_prints_one_report_and_exits_non_zero_on_problems(tmp_path, capsys):
@@ -137,10 +138,9 @@ def test_cli_prints_one_report_and_exits_non_zero_on_problems(tmp_path, capsys):
 def test_startup_check_raises_with_every_problem_and_passes_a_good_run(tmp_path, monkeypatch):
     for key, value in SINGLE.items():
         monkeypatch.setenv(key, value)
-    cpu = torch.device("cpu")
-    assert doctor.check_at_startup(config(tmp_path), 1, 0, cpu).problems == []
+    assert preflight.check_at_startup(config(tmp_path), 1, 0).problems == []
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(ConfigError) as caught:
-        doctor.check_at_startup(config(tmp_path, batch_size="8", out_dir=str(blocker / "o")), 1, 0, cpu)
+        preflight.check_at_startup(config(tmp_path, batch_size="8", out_dir=str(blocker / "o")), 1, 0)
     assert len(caught.value.problems) == 2 and all(p.startswith("rank 0: ") for p in caught.value.problems)

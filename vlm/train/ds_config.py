@@ -1,0 +1,111 @@
+"""The DeepSpeed JSON config of a run: ZeRO, precision and offload from `ds_configs/`, everything else from the YAML.
+
+Batch sizes, the optimizer, the schedule and clipping are filled in from the `train` section (one source);
+a DeepSpeed JSON that sets them itself is a configuration error. Nothing here imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from vlm.config import ConfigError, TrainConfig
+from vlm.data.plan import Geometry
+
+REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def read_ds_config(zero_stage: int, path: str | None) -> dict[str, Any]:
+    """The JSON at `path`, or `ds_configs/zero<zero_stage>.json`; ConfigError if missing or not a JSON object."""
+    source = Path(path) if path else REPO_DS_CONFIGS / f"zero{zero_stage}.json"
+    if not source.is_file():
+        raise ConfigError([f"DeepSpeed config {source} does not exist (train.deepspeed_config / train.zero_stage)"])
+    try:
+        data = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError([f"DeepSpeed config {source} is not valid JSON: {err}"]) from err
+    if not isinstance(data, dict):
+        raise ConfigError([f"DeepSpeed config {source} must hold a JSON object"])
+    return data
+
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_OWNED_KEYS = ("optimizer", "scheduler", "gradient_clipping")
+
+
+def ds_config_problems(train_cfg: TrainConfig) -> list[str]:
+    """Every problem of the run's DeepSpeed JSON: unreadable, or setting what the YAML owns, or a precision
+    that contradicts train.dtype. The preflight reports them; `build_ds_config` raises them."""
+    try:
+        ds = read_ds_config(train_cfg.zero_stage, train_cfg.deepspeed_config)
+    except ConfigError as err:
+        return err.problems
+    problems = [f"remove '{k}' from the DeepSpeed config: batch sizes come from the YAML" for k in _BATCH_KEYS if k in ds]
+    problems += [f"remove '{k}' from the DeepSpeed config: it is set from the YAML's train section" for k in _OWNED_KEYS if k in ds]
+    return problems + _precision(ds, train_cfg.dtype)
+
+
+def _precision(ds: dict[str, Any], dtype: str) -> list[str]:
+    """Fill bf16/fp16 'enabled' from the YAML dtype; report explicit JSON settings that contradict it."""
+    want = {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
+    problems = []
+    for key, enabled in want.items():
+        section = ds.setdefault(key, {})
+        current = section.get("enabled", "auto")
+        if current != "auto" and bool(current) != enabled:
+            problems.append(f"the DeepSpeed config sets {key}.enabled={current} but train.dtype is {dtype!r}")
+        section["enabled"] = enabled
+    return problems
+
+
+def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, total_steps: int, on_cpu: bool,
+                    monitor_dir: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict: ZeRO/precision/offload from the JSON, batch sizes from `geometry` (the
+    one batch arithmetic, `vlm.data.plan.Geometry`), optimizer/schedule/clipping from `train_cfg`.
+
+    `total_steps` sizes the cosine schedule; `on_cpu` picks torch's AdamW (DeepSpeed's fused Adam would be
+    JIT-compiled first); `monitor_dir` (rank 0 only) turns on DeepSpeed's CSV/TensorBoard/W&B monitors.
+    Raises ConfigError with every problem of `ds_config_problems`.
+    """
+    problems = ds_config_problems(train_cfg)
+    if problems:
+        raise ConfigError(problems)
+    ds = read_ds_config(train_cfg.zero_stage, train_cfg.deepspeed_config)
+    _precision(ds, train_cfg.dtype)
+    ds["train_micro_batch_size_per_gpu"] = geometry.batch_size
+    ds["gradient_accumulation_steps"] = geometry.accumulation
+    ds["train_batch_size"] = geometry.global_batch
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": train_cfg.learning_rate,
+            "betas": list(train_cfg.betas),
+            "eps": 1e-8,
+            "weight_decay": train_cfg.weight_decay,
+            # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam would be JIT-compiled first.
+            "torch_adam": on_cpu and not offload,
+        },
+    }
+    ds["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": max(total_steps, train_cfg.warmup_steps + 1),
+            "warmup_num_steps": train_cfg.warmup_steps,
+            "warmup_min_ratio": 0.0,
+            "warmup_type": "linear",
+            "cos_min_ratio": train_cfg.min_lr_ratio,
+        },
+    }
+    if train_cfg.grad_clip > 0:
+        ds["gradient_clipping"] = train_cfg.grad_clip
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves, every log_interval steps
+    if monitor_dir is not None:
+        ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}
+        if importlib.util.find_spec("tensorboard") is not None:
+            ds["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}
+        if train_cfg.wandb_project:
+            ds["wandb"] = {"enabled": True, "project": train_cfg.wandb_project}
+    return ds

@@ -1,0 +1,105 @@
+"""Saving and restoring a DeepSpeed engine's training state in the checkpoint folders of `vlm.train.checkpoint`.
+
+Collective: every rank calls `save_checkpoint` and `load_checkpoint`. Model, optimizer and schedule are
+DeepSpeed's files; every rank's RNG state goes to rng/rank{r}.pt|json; rank 0 writes meta.json last, after
+a barrier, which makes the checkpoint complete. A checkpoint written on another number of ranks is loaded
+through DeepSpeed's universal checkpoint, converted once beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.train import distributed
+from vlm.train.checkpoint import (
+    META,
+    CheckpointError,
+    checkpoint_root,
+    prune_checkpoints,
+    read_meta,
+    tag_for,
+    write_json_atomic,
+)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    accelerator = distributed.accelerator_rng_state()
+    if accelerator is not None:
+        tensors["accelerator"] = accelerator
+    version, state, gauss = random.getstate()
+    return tensors, {"python": [version, list(state), gauss]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "accelerator" in tensors:
+        distributed.set_accelerator_rng_state(tensors["accelerator"])
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder once it is complete and published."""
+    root = checkpoint_root(out_dir)
+    tag = tag_for(step)
+    rank = distributed.rank()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    rng_dir = root / tag / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    tensors, plain = _rng_state()
+    torch.save(tensors, rng_dir / f"rank{rank}.pt")
+    write_json_atomic(rng_dir / f"rank{rank}.json", plain)
+    distributed.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if rank == 0:
+        write_json_atomic(root / tag / META, {**meta, "step": step, "tag": tag, "saved_at": time.time()})
+        (root / ".latest.tmp").write_text(tag)
+        os.replace(root / ".latest.tmp", root / "latest")
+        prune_checkpoints(out_dir, keep)
+    distributed.barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, checkpoint: Path, load_universal: bool = False) -> dict[str, Any]:
+    """Collective: restore model, optimizer, scheduler and (same world size) this rank's RNG; return meta."""
+    meta = read_meta(checkpoint)
+    load_dir, tag = checkpoint.parent, checkpoint.name
+    if load_universal:
+        load_dir, tag = universal_checkpoint(checkpoint), None
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {checkpoint}")
+    rank = distributed.rank()
+    rng = checkpoint / "rng"
+    if meta.get("world_size") == distributed.world_size() and (rng / f"rank{rank}.pt").is_file():
+        tensors = torch.load(rng / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        _set_rng_state(tensors, json.loads((rng / f"rank{rank}.json").read_text()))
+    return meta
+
+
+def universal_checkpoint(checkpoint: Path) -> Path:
+    """DeepSpeed's universal checkpoint (any world size), converted once by rank 0 next to the original."""
+    target_root = checkpoint.parent.parent / "universal"
+    target, marker = target_root / checkpoint.name, target_root / "latest_universal"
+    converted = target.is_dir() and marker.is_file() and marker.read_text().strip() == checkpoint.name
+    if distributed.rank() == 0 and not converted:
+        _run_ds_to_universal(checkpoint, target)
+        marker.write_text(checkpoint.name)
+    distributed.barrier()
+    return target_root
+
+
+def _run_ds_to_universal(checkpoint: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    error = distributed.convert_to_universal(checkpoint, target)
+    if error is not None:
+        raise CheckpointError(f"converting {checkpoint} to a universal checkpoint failed:\n{error}")

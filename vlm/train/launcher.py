@@ -1,0 +1,75 @@
+"""Rank variables from whichever launcher started this process, normalised before any process group exists.
+
+Understood: the `deepspeed` launcher and torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+`MASTER_PORT`; the injected `--local_rank` flag too), SLURM's `srun` (`SLURM_PROCID`, `SLURM_NTASKS`,
+`SLURM_LOCALID`) and Open MPI's `mpirun` (`OMPI_COMM_WORLD_*`). A plain `python launch/train.py` is a world
+of one. Nothing here imports DeepSpeed (the preflight uses it without starting anything).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: int | None = None) -> DistEnv:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_* for one process) from whichever launcher started us."""
+    env = os.environ if env is None else env
+    pid, _, seen = env.get("VLM_LAUNCHER", "").partition(":")
+    if pid == str(os.getpid()):  # already normalised in this process (children inherit env, not this marker's pid)
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), seen)
+    launcher = "deepspeed/torchrun"
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        launcher = "slurm"
+    elif "RANK" not in env and "OMPI_COMM_WORLD_RANK" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        launcher = "openmpi"
+    elif "RANK" not in env:
+        env["RANK"], env["WORLD_SIZE"] = "0", "1"
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+        launcher = "single process"
+    if "LOCAL_RANK" not in env:
+        env["LOCAL_RANK"] = str(local_rank_flag if local_rank_flag is not None else 0)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    env["VLM_LAUNCHER"] = f"{os.getpid()}:{launcher}"
+    return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
+
+
+def launcher_problems(env: dict[str, str] | None = None) -> list[str]:
+    """Inconsistent launcher variables, found before any process group is formed."""
+    env = os.environ if env is None else env
+    problems = []
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    except (KeyError, ValueError) as err:
+        return [f"launcher variables RANK/WORLD_SIZE/LOCAL_RANK are missing or not integers ({err})"]
+    if not 0 <= rank < world:
+        problems.append(f"RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    if not 0 <= local <= rank:
+        problems.append(f"LOCAL_RANK={local} must be in 0..RANK ({rank})")
+    if world > 1 and not env.get("MASTER_ADDR"):
+        problems.append("MASTER_ADDR is not set for a multi-process run")
+    port = env.get("MASTER_PORT", "")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        problems.append(f"MASTER_PORT={port!r} is not a valid port")
+    return problems
