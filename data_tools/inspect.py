@@ -74,6 +74,7 @@ def decode_sample(members: dict[str, bytes]) -> tuple[dict, list[tuple[str, tupl
 
 
 def format_sample(key: str, doc: dict, images: list, width: int = 160) -> str:
+    """Lines showing one sample: key, source line, its images, and each turn cut to `width` characters."""
     source = doc.get("source", {})
     lines = [f"{key}  (source {source.get('file')}:{source.get('line')})"]
     for (suffix, (w, h), mode), name in zip(images, doc.get("images", [""] * len(images))):
@@ -156,6 +157,7 @@ def inspect(path: Path, n_show: int, tokenizer=None, image_tokens: int = 0, limi
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the report for PATH; returns 0, or 2 when a shard or the tokenizer cannot be read."""
     parser = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a .tar shard or a shard folder")
     parser.add_argument("--samples", type=int, default=3, help="how many samples to print (default 3)")

@@ -93,6 +93,7 @@ class Scene:
 
     @property
     def grayscale(self) -> bool:
+        """True for a grayscale ("L") picture, whose shapes then have no colour."""
         return self.mode == "L"
 
 

@@ -54,6 +54,8 @@ class ShardError(Exception):
 
 @dataclass(frozen=True)
 class Options:
+    """The command's settings, one field per flag of `python -m data_tools.shard`."""
+
     jsonl: str
     images: str
     out: str
@@ -195,6 +197,7 @@ class ShardSink:
 
     @property
     def samples(self) -> int:
+        """Samples added to this shard so far."""
         return len(self.keys)
 
     def size_with(self, key: str, members: dict) -> int:
@@ -204,6 +207,7 @@ class ShardSink:
         return -(-end // _TAR_RECORD) * _TAR_RECORD
 
     def add(self, key: str, members: dict, line: int) -> None:
+        """Append one sample's members to the tar; record its key, offset and size (bytes) and JSONL line."""
         start = self.tar.tarstream.offset
         self.tar.write({"__key__": key, **members})
         self.keys.append(key)
@@ -226,6 +230,7 @@ class ShardSink:
                 "first_line": self.lines[0] if self.lines else None, "last_line": self.lines[-1] if self.lines else None}
 
     def abort(self) -> None:
+        """Close and delete the unfinished NAME.tmp; no index is written."""
         self.tar.close()  # otherwise its stream flushes into the closed file when garbage-collected
         self.file.close()
         self.tmp.unlink(missing_ok=True)
@@ -425,6 +430,7 @@ def _build_manifest(opts: Options, progress: Progress, jsonl_sha: str, jsonl_byt
 
 
 def summary(manifest: dict, out: str) -> str:
+    """The closing line: records in, samples and shards written, skips by reason, blank lines ignored."""
     reasons = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_by_reason"].items())
     return (f"{manifest['input_records']} records in, {manifest['total_samples']} samples written to "
             f"{len(manifest['shards'])} shard(s) in {out}, {len(manifest['skipped'])} skipped"
@@ -439,6 +445,11 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> Options:
+    """Options from the command line; --prefix defaults to the JSONL's file stem made safe.
+
+    An invalid prefix, a --jsonl that is not a file or an --images that is not a folder exits through
+    argparse's error (SystemExit 2).
+    """
     p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
     p.add_argument("--jsonl", required=True, help="MiniMind-V JSONL file (one record per line)")
     p.add_argument("--images", required=True, help="folder the records' image names are relative to")
@@ -466,6 +477,7 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the shards the flags ask for, print the summary; returns 0 (2 on ShardError/ManifestError)."""
     opts = parse_args(argv)
     try:
         manifest = shard_corpus(opts)

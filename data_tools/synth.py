@@ -9,7 +9,8 @@ a re-run may replace it). Records follow MiniMind-V:
 "image": "a.jpg"}`; two-image records list `"a.png, b.jpg"`, text-only records have no `image`.
 Eval records ask `EVAL_PROMPT` about pictures without grayscale (even index: one shape, odd: two or three)
 and carry `truth`: `{"lang", "answer" (the exact expected reply), "count", "grayscale", "shapes":
-[{"kind", "colour", "position", "size"}, ...]}`; score replies with `score_answer(reply, truth)`.
+[{"kind", "colour", "position", "size"}, ...]}`; `vlm.demo.scoring.score_answer(reply, truth)` scores
+a reply.
 
 Every record draws from its own RNG seeded by (seed, split, index): the same arguments give byte-identical
 files, and record i of a split does not depend on the other counts or on the language.
@@ -37,12 +38,11 @@ from data_tools.synth_text import (
     describe,
     pair_qa,
     parse_description,
-    score_answer,
     single_image_qa,
     text_qa,
 )
 
-__all__ = ["EVAL_PROMPT", "build_record", "iter_corpus_text", "main", "parse_description", "score_answer",
+__all__ = ["EVAL_PROMPT", "build_record", "iter_corpus_text", "main", "parse_description",
            "write_corpus"]
 
 SPLITS = ("pretrain", "sft", "eval")
@@ -198,6 +198,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the synthetic corpus the flags describe and print its record counts; returns 0."""
     args = _parse_args(argv)
     counts = write_corpus(args.out, args.pretrain, args.sft, args.eval, args.seed, args.lang)
     print(f"wrote {', '.join(f'{n} {s}' for s, n in counts.items())} records to {args.out}")

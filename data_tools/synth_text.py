@@ -1,7 +1,7 @@
-"""Wording of the synthetic corpus in English and Chinese: fixed templates, their parser and the scorer.
+"""Wording of the synthetic corpus in English and Chinese: fixed templates and their parser.
 
-Every answer is produced from a fixed template, so a model's output can be parsed back into shapes and
-scored exactly (`parse_description`, `score_answer`). Attribute values are always stored under their
+Every answer is produced from a fixed template, so a model's output can be parsed back into shapes
+(`parse_description`) and scored exactly (`vlm.demo.scoring.score_answer`). Attribute values are always stored under their
 canonical English names (`data_tools.shapes.KINDS`, `COLOURS`, `POSITIONS`, `SIZES`); only the
 sentences change with the language.
 """
@@ -9,7 +9,6 @@ sentences change with the language.
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from data_tools.shapes import COLOURS, KINDS, POSITIONS, SIZES, Shape
 
@@ -98,31 +97,6 @@ def parse_description(text: str, lang: str) -> list[dict]:
     for m in _phrase_regex(lang).finditer(text):
         shapes.append({field: back[field].get(m.group(field)) for field in ("kind", "colour", "position", "size")})
     return shapes
-
-
-def score_answer(answer: str, truth: dict) -> dict[str, bool]:
-    """Score a model's description against an eval record's `truth`.
-
-    Keys: `exact` (same string after stripping whitespace), `count`, and per attribute whether the
-    multiset of values matches (`kind`, `colour`, `position`, `size`), `colour_kind` (the multiset of
-    (colour, kind) pairs, the demo's accuracy) and `shapes` (every attribute of every shape).
-    """
-    pred = parse_description(answer, truth["lang"])
-    want = truth["shapes"]
-
-    def same(*fields: str) -> bool:
-        return Counter(tuple(s[f] for f in fields) for s in pred) == Counter(tuple(s[f] for f in fields) for s in want)
-
-    return {
-        "exact": answer.strip() == truth["answer"].strip(),
-        "count": len(pred) == len(want),
-        "kind": same("kind"),
-        "colour": same("colour"),
-        "position": same("position"),
-        "size": same("size"),
-        "colour_kind": same("colour", "kind"),
-        "shapes": same("kind", "colour", "position", "size"),
-    }
 
 
 QA = {

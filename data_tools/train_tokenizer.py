@@ -22,9 +22,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from data_tools.general_text import GENERAL_TEXT
 from data_tools.synth import iter_corpus_text
+from vlm.tokenizer import DEFAULT_PLACEHOLDER, builtin_tokenizer_path
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>")
-IMAGE_TOKEN = "<|image|>"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", DEFAULT_PLACEHOLDER)
 # ChatML, as MiniMind: no system message unless the conversation has one.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -37,9 +37,7 @@ MODEL_MAX_LENGTH = 32768
 
 def default_out() -> Path:
     """The built-in tokenizer folder inside the installed `vlm` package (independent of the working directory)."""
-    import vlm
-
-    return Path(vlm.__file__).resolve().parent / "assets" / "tokenizer"
+    return builtin_tokenizer_path()
 
 
 def training_text(corpus_records: int = 300) -> Iterator[str]:
@@ -91,7 +89,7 @@ def tokenizer_config() -> dict:
         "add_eos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
-        "additional_special_tokens": [IMAGE_TOKEN],
+        "additional_special_tokens": [DEFAULT_PLACEHOLDER],
         "bos_token": "<|im_start|>",
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
@@ -115,6 +113,7 @@ def write_tokenizer(out: str | Path, vocab_size: int = 6400, corpus_records: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the tokenizer and write it to --out (default: the built-in tokenizer folder); returns 0."""
     p = argparse.ArgumentParser(prog="python -m data_tools.train_tokenizer", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="output folder (default: the package's vlm/assets/tokenizer)")
     p.add_argument("--vocab-size", type=int, default=6400, help="largest vocabulary, special tokens included")

@@ -36,6 +36,8 @@ _JPEG_FRAME_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9,
 
 @dataclass(frozen=True)
 class CheckedImage:
+    """An image that passed the checks: the bytes to store, their member extension, (width, height) in px."""
+
     data: bytes  # what goes into the shard: the original bytes, or the re-encoded ones after a resize
     ext: str  # member extension from the decoded format: jpg, png, webp, gif, bmp
     size: tuple[int, int]  # (width, height) of `data`

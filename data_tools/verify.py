@@ -100,6 +100,11 @@ def verify(outdir: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check a shard folder against its manifest and print the outcome.
+
+    Returns 0 when everything matches, 1 when there are mismatches (listed on stderr), 2 when the manifest
+    cannot be used.
+    """
     parser = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", help="folder holding manifest.json and the shards")
     args = parser.parse_args(argv)

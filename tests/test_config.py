@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vlm.config import (
@@ -9,6 +11,7 @@ from vlm.config import (
     load_config,
     parse_cli_overrides,
 )
+from vlm.train.ds_config import ds_config_problems
 
 
 def write(tmp_path, text):
@@ -92,3 +95,19 @@ def test_cli_forms():
     assert path == "x.yaml"
     assert overrides == {"local_rank": "1", "use_moe": "false", "log_samples": "true", "train.seed": "3"}
     assert rest == ["stray"]
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_all_here():
+    assert {p.name for p in CONFIGS} >= {"debug.yaml", "pretrain.yaml", "sft.yaml", "demo_pretrain.yaml",
+                                         "demo_sft.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)  # unknown keys and wrong types raise here
+    assert config_problems(cfg) == []
+    assert ds_config_problems(cfg.train) == []  # its DeepSpeed JSON exists and leaves the YAML its fields
+    assert cfg.data.train_shards, "a shipped config names its training data"

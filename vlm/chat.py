@@ -20,9 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vlm.eval import add_model_flags, load_from_args
 from vlm.formats.errors import BadSample
-from vlm.inference import GenerationSettings, LoadedVLM, add_image_tags
+from vlm.inference import GenerationSettings, LoadedVLM, add_image_tags, add_model_flags, load_from_args
 
 QUIT, RESET = "/quit", "/reset"
 
@@ -44,6 +43,7 @@ class Conversation:
         return reply
 
     def reset(self) -> None:
+        """Forget the turns; the pictures stay attached to the next first turn."""
         self.messages = []
 
 
@@ -96,6 +96,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, read: Callable[[str], str] = input) -> int:
+    """Chat once (--prompt) or interactively; returns the exit code (2: bad flags or inputs)."""
     args = _parse_args(argv)
     try:
         images = [Path(path).read_bytes() for path in args.image]

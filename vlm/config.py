@@ -45,6 +45,8 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
+    """The `model` section: language-model architecture, tokenizer, vision tower and starting weights."""
+
     hidden_size: int = _f(512, "Width of the language model (the seed's --dim).")
     num_hidden_layers: int = _f(8, "Transformer layers (the seed's --n_layers).")
     use_moe: bool = _f(False, "Mixture-of-experts feed-forward layers (the seed's --use_moe).")
@@ -115,6 +117,8 @@ def architecture_problems(a: dict[str, Any], prefix: str = "") -> list[str]:
 
 @dataclass
 class DataConfig:
+    """The `data` section: training and eval sources and the pipeline that reads them."""
+
     train_shards: list[str] = _f([], "Training sources: shard folders with manifest.json, brace patterns, URLs, pipe:.")
     train_weights: list[float] | None = _f(None, "Mixing weights, one per training source; null = by size.")
     eval_shards: list[str] = _f([], "Held-out sources for evaluation loss.")
@@ -131,6 +135,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The `train` section: optimisation, precision, DeepSpeed, checkpoints, logging."""
+
     stage: str = _f("pretrain", "'pretrain' (captions) or 'sft' (instructions): names the run, and SFT must train the LM.")
     out_dir: str = _f("out", "Checkpoints, metrics and plots go here.")
     epochs: int = _f(4, "Passes over the training data.")
@@ -162,11 +168,14 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A whole run's configuration: the three sections."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (what meta.json stores and `config_from_dict` reads back)."""
         return dataclasses.asdict(self)
 
 

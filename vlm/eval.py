@@ -174,6 +174,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate and print (and with --out write) the JSON report; returns the exit code."""
     args = _parse_args(argv)
     try:
         vlm = load_from_args(args)

@@ -22,6 +22,7 @@ from vlm.train.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export one checkpoint; returns the exit code (2: no such checkpoint or unreadable)."""
     parser = argparse.ArgumentParser(prog="python -m vlm.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="out_dir or checkpoint folder")
     parser.add_argument("--tag", default=None, help="checkpoint name, e.g. step_000001200 (default: newest)")

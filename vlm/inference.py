@@ -42,6 +42,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
 
     def config(self, tokenizer: Any, model: MiniMindVLM) -> GenerationConfig:
+        """transformers' GenerationConfig for these options and the model's special token ids."""
         sampling = self.temperature > 0
         extra = {"temperature": self.temperature, "top_p": self.top_p} if sampling else {}
         return GenerationConfig(
@@ -59,6 +60,7 @@ class CallbackStreamer(TextStreamer):
         self.callback = callback
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        """Hand a finished piece of text to the callback (empty pieces are dropped)."""
         if text:
             self.callback(text)
 
@@ -78,6 +80,7 @@ class LoadedVLM:
 
     @property
     def device(self) -> torch.device:
+        """The device the model's weights are on."""
         return self.model.lm_head.weight.device
 
     def prompt_ids(self, conversations: Sequence[dict], num_images: int) -> torch.Tensor:

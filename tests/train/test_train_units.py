@@ -1,6 +1,7 @@
 """Trainer parts that need no process group: CLI errors, DeepSpeed config filling, freezing, checkpoints, env."""
 
 import json
+import os
 
 import pytest
 
@@ -146,3 +147,22 @@ def test_model_inputs_normalise_uint8_pixels_on_the_device_and_drop_empty_image_
     assert torch.allclose(pixels[0, 0, :, 0, 0], expected, atol=1e-5)
     batch["pixel_values"] = torch.zeros((1, 0, 3, 4, 4), dtype=torch.uint8)
     assert "pixel_values" not in model_inputs(batch, torch.device("cpu"), normalize)
+
+
+@pytest.fixture
+def clean_launcher_env(monkeypatch):
+    """The trainer fills RANK, WORLD_SIZE, MASTER_* ... into os.environ: give it a copy to write into."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
+        os.environ.pop(key, None)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def test_the_process_group_is_torn_down_after_an_error(tmp_path, capsys, clean_launcher_env):
+    import torch.distributed
+
+    code = main(["--config", "launch/configs/debug.yaml", "--train_shards", "tests/fixtures/tiny_shards",
+                 "--out_dir", str(tmp_path / "o"), "--batch_size", "2", "--resume", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 1 and "CheckpointError" in err and "nowhere" in err
+    assert not torch.distributed.is_initialized()

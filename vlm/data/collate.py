@@ -46,6 +46,7 @@ from vlm.formats.constants import IGNORE_INDEX
 
 
 def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
     return -(-n // multiple) * multiple
 
 

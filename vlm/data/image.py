@@ -246,6 +246,11 @@ class ImagePreprocessor:
         return image
 
     def check_size(self, image: Image.Image) -> None:
+        """Check the size read from the header, before decoding.
+
+        Raises BadSample("image_too_large") above `max_pixels` pixels and BadSample("image_decode")
+        for an image with a zero side.
+        """
         width, height = image.size
         if width * height > self.max_pixels:
             raise BadSample("image_too_large", f"{width}x{height} > max_pixels={self.max_pixels}")

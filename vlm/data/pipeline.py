@@ -127,6 +127,7 @@ class BadSampleMonitor:
         self.seen, self.bad, self.by_reason = 0, 0, Counter()
 
     def update(self, stats: dict) -> None:
+        """Add one batch's stats; raises DataQualityError once the bad share passes the limit."""
         self.seen += stats["seen"]
         self.bad += stats["bad"]
         self.by_reason.update(stats["bad_by_reason"])
@@ -174,6 +175,7 @@ class ResampledSchedule:
     rank: int
 
     def batches(self, worker: int) -> Iterator[tuple[int, Iterator]]:
+        """(micro_step, sample stream) for DataLoader worker `worker`: B samples per micro-batch, drawn afresh."""
         _, geometry, consumed = plan.current_plan(self.position)
         slot = plan.loader_slot(self.position, worker)
         skip = plan.worker_batches(consumed, geometry.slots, slot)
@@ -195,10 +197,12 @@ class EvalSchedule:
     slots: int
 
     def micro_batches(self) -> int:
+        """Batches every rank yields: ceil(largest rank share / batch size)."""
         largest_share = -(-self.num_samples // self.world_size)  # ceil
         return -(-largest_share // self.batch_size)
 
     def batches(self, worker: int) -> Iterator[tuple[int, list[dict]]]:
+        """(micro_step, samples) of this rank's share for DataLoader worker `worker`, in order."""
         lo = self.rank * self.num_samples // self.world_size
         hi = (self.rank + 1) * self.num_samples // self.world_size
         for step in range(worker, self.micro_batches(), self.slots):
@@ -242,6 +246,7 @@ class BatchStream(IterableDataset):
             yield batch
 
     def run_stages(self, sample: dict) -> dict:
+        """Apply every stage in order; a stage may raise BadSample."""
         for _, stage in self.stages:
             sample = stage(sample)
         return sample
@@ -358,6 +363,7 @@ class TrainLoader(_Loader):
 
     @property
     def epoch(self) -> int:
+        """The epoch the position is in."""
         return self.position["epoch"]
 
     @property

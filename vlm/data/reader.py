@@ -84,6 +84,11 @@ class ShardReader:
         return shard, int(sample_id - self._first[shard])
 
     def key(self, sample_id: int) -> str:
+        """The key of sample `sample_id`, from its shard's index (the tar is not read).
+
+        Raises IndexError for an id out of range and ManifestError for an index that disagrees with
+        the manifest.
+        """
         shard, i = self.locate(sample_id)
         return self._index(shard)["keys"][i]
 
@@ -126,6 +131,7 @@ class ShardReader:
         return fd
 
     def close(self) -> None:
+        """Close every open shard file; a later read opens them again."""
         while self._files:
             os.close(self._files.popitem()[1])
 

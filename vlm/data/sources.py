@@ -58,10 +58,12 @@ class Source:
 
     @property
     def exact(self) -> bool:
+        """True for a manifest source (sample counts known), False for a stream pattern."""
         return bool(self.shards)
 
     @property
     def samples(self) -> int | None:
+        """Samples in a manifest source's shards; None for a stream (unknown)."""
         return sum(s.samples for s in self.shards) if self.exact else None
 
 
@@ -83,10 +85,12 @@ class SourceSet:
 
     @property
     def shard_counts(self) -> list[list[int]]:
+        """Samples of each shard, one list per source, in source order."""
         return [[shard.samples for shard in s.shards] for s in self.sources]
 
     @property
     def weights(self) -> list[float]:
+        """Each source's weight, in source order."""
         return [s.weight for s in self.sources]
 
     def digest(self) -> str:

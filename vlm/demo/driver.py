@@ -92,6 +92,7 @@ def print_table(rows: list[dict], limit: int) -> None:
 
 
 def print_summary(report: dict, paths: DemoPaths) -> None:
+    """The headline figures, the files written and a chat command to try."""
     single, multi = report["scores"]["single"], report["scores"]["multi"]
     print(f"\naccuracy (colour and kind right, {single['n']} held-out one-shape pictures): "
           f"{_fmt(report['accuracy'])}")
@@ -162,6 +163,7 @@ def run(settings: DemoSettings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code (1: a stage failed, its log named)."""
     settings = _parse_args(argv)
     try:
         report = run(settings)

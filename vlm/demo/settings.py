@@ -47,12 +47,15 @@ class DemoPaths:
 
     @property
     def dataset(self) -> Path:
+        """The synthetic corpus in MiniMind-V layout (JSONL + image folders)."""
         return self.data / "dataset"
 
     def shards(self, split: str) -> Path:
+        """The shard folder of one split (pretrain, sft, eval)."""
         return self.data / "shards" / split
 
     def stage_out(self, stage: str) -> Path:
+        """The out_dir of one training stage."""
         return self.out / stage
 
     @property
@@ -62,29 +65,36 @@ class DemoPaths:
 
     @property
     def export(self) -> Path:
+        """The SFT stage's Hugging Face folder: the demo's result."""
         return self.stage_out("sft") / "export"
 
     @property
     def minimind(self) -> Path:
+        """The result as a MiniMind-V .pth."""
         return self.out / "demo_vlm.pth"
 
     @property
     def loss_plot(self) -> Path:
+        """Both stages' loss curves in one picture."""
         return self.out / "loss.png"
 
     @property
     def report(self) -> Path:
+        """report.json: the headline figures, stage times and settings."""
         return self.out / "report.json"
 
     @property
     def eval_json(self) -> Path:
+        """eval.json: every held-out answer with its scores."""
         return self.out / "eval.json"
 
     @property
     def eval_images(self) -> Path:
+        """The held-out pictures."""
         return self.dataset / "eval_images"
 
     def listing(self) -> dict[str, str]:
+        """{name: path} of everything above, for the report."""
         return {"dataset": str(self.dataset), "shards": str(self.data / "shards"), "vision_model": str(self.vision),
                 "export": str(self.export),
                 "minimind_pth": str(self.minimind), "loss_plot": str(self.loss_plot),

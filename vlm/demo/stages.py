@@ -66,6 +66,7 @@ def make_shards(paths: DemoPaths, overwrite: bool) -> None:
 
 
 def trainer_command(ranks: int) -> list[str]:
+    """The command that starts the trainer: python launch/train.py, or deepspeed --num_gpus N for N > 1."""
     if not TRAIN_SCRIPT.is_file():
         raise StageError(f"{TRAIN_SCRIPT} not found: run the demo from a checkout of the repository")
     if ranks == 1:
@@ -78,6 +79,7 @@ def trainer_command(ranks: int) -> list[str]:
 
 
 def trainer_env(ranks: int) -> dict[str, str]:
+    """The trainer's environment: CPU accelerator without a GPU, threads shared among the ranks."""
     import torch
 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")

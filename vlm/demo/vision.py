@@ -73,13 +73,16 @@ class AttributeHeads(torch.nn.Module):
         self.linear = torch.nn.Linear(width, sum(self.sizes))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, P, D) patch features -> (N, sum of attribute sizes) logits, from their mean over P."""
         return self.linear(features.mean(dim=1))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of every attribute; labels (N, 4), IGNORE_INDEX where unknown."""
         parts = logits.split(self.sizes, dim=1)
         return sum(F.cross_entropy(part, labels[:, i], ignore_index=IGNORE_INDEX) for i, part in enumerate(parts))
 
     def accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """{attribute: share right} over the labels that are known (None if none is)."""
         parts = logits.split(self.sizes, dim=1)
         out = {}
         for i, name in enumerate(ATTRIBUTES):

@@ -50,14 +50,17 @@ class ManifestError(ValueError):
 
 
 def shard_name(prefix: str, index: int) -> str:
+    """Shard file name `{prefix}-{index:06d}.tar`, index counted from 0."""
     return f"{prefix}-{index:06d}.tar"
 
 
 def sample_key(prefix: str, line: int) -> str:
+    """Sample key `{prefix}_{line:09d}`, line being the record's 1-based line number in the JSONL."""
     return f"{prefix}_{line:09d}"
 
 
 def index_name(shard: str) -> str:
+    """Name of a shard's sidecar index: the shard's name + `.idx.json`."""
     return shard + INDEX_SUFFIX
 
 
@@ -70,6 +73,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -44,6 +44,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D): x / sqrt(mean(x^2) + eps) in fp32, cast to x's dtype, times the weight."""
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
@@ -92,6 +93,13 @@ class Attention(nn.Module):
     def forward(
         self, x, cos, sin, attn_mask: torch.Tensor | None, cache: Cache | None = None
     ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D): project, rotate q and k, extend the cache, attend, project back.
+
+        `cos`/`sin` (B or 1, T, head_dim) are the rotary tables at x's positions; `attn_mask` is a bool
+        (B, 1, T, T_total) mask, True = may attend, or None (see `attend`). With `cache`, this layer's
+        keys and values are appended to it and the queries also attend to the cached tokens
+        (T_total = cached + T).
+        """
         bsz, q_len, _ = x.shape
         q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(bsz, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -129,6 +137,11 @@ class MiniMindBlock(GradientCheckpointingLayer):
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
     def forward(self, hidden, cos, sin, attn_mask, cache: Cache | None = None):
+        """hidden (B, T, D) -> (hidden (B, T, D), aux loss scalar): attention, then the MLP.
+
+        Both sublayers are pre-norm and residual. The aux loss is the MoE router's balance loss, or a zero
+        scalar for a dense MLP. `cos`, `sin`, `attn_mask` and `cache` are passed on to `Attention.forward`.
+        """
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_mask, cache=cache)
         if isinstance(self.mlp, MoEFeedForward):
             mlp_out, aux_loss = self.mlp(self.post_attention_layernorm(hidden))
@@ -150,6 +163,15 @@ class MiniMindModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None):
+        """Embed, run the layers, norm: returns (hidden (B, T, D), aux loss summed over layers).
+
+        Pass exactly one of `input_ids` (B, T) or `inputs_embeds` (B, T, D); dropout applies to either.
+        `attention_mask` (B, T_total) holds segment ids (see the module docstring); `position_ids` (B, T),
+        when given, replace the positions derived from it. `cache` (a transformers `Cache`) is updated
+        in place.
+        Raises ValueError for both or neither input, and (`attention_layout`) for a sequence longer than
+        max_position_embeddings or a mask that is not (B, cached + T).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         # Dropout applies to whatever enters the stack, including image features written into inputs_embeds.
@@ -223,15 +245,19 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             module.reset_tables()
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding `model.embed_tokens` (vocab_size x D)."""
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace `model.embed_tokens` (the transformers hook used by `resize_token_embeddings`)."""
         self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The output projection `lm_head` (D -> vocab_size), tied to the token embedding."""
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
+        """Replace `lm_head` (the transformers hook used by `resize_token_embeddings`)."""
         self.lm_head = value
 
     def forward(
@@ -285,6 +311,11 @@ _HARMLESS_KWARGS = {"return_dict", "output_attentions", "output_hidden_states", 
 
 
 def check_ignored_kwargs(kwargs: dict) -> None:
+    """Raise TypeError for extra `forward` arguments this model does not support.
+
+    Names in `_HARMLESS_KWARGS` and arguments set to None pass, except that asking for `output_attentions` or
+    `output_hidden_states` is refused too: the model returns neither.
+    """
     unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS_KWARGS and v is not None)
     if unknown or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
         raise TypeError(

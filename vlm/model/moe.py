@@ -29,6 +29,7 @@ class FeedForward(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D): the SwiGLU MLP, dropout on its output."""
         return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
 
 
@@ -67,6 +68,11 @@ class MoEGate(nn.Module):
     def balance_loss(
         self, scores: torch.Tensor, topk_idx: torch.Tensor, bsz: int, seq_len: int
     ) -> torch.Tensor:
+        """Scalar balance loss from router probabilities `scores` (B*T, E) and choices `topk_idx` (B*T, k).
+
+        `alpha * sum_e f_e * P_e` (see the class docstring), per sequence and averaged over the batch when
+        `seq_aux`, else over all B*T tokens at once; as MiniMind's MoEGate in model/model_minimind.py.
+        """
         if self.seq_aux:
             slots = topk_idx.view(bsz, -1)  # (B, T*k)
             counts = torch.zeros(bsz, self.n_experts, device=scores.device)
@@ -94,6 +100,11 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (output (B, T, D), aux loss scalar).
+
+        The output is the router-weighted sum of each token's top-k experts (`dispatch`) plus every shared
+        expert; the aux loss is the gate's balance loss (zero outside training or with aux_loss_alpha 0).
+        """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, D)
         topk_idx, topk_weight, aux_loss = self.gate(x)

@@ -14,4 +14,5 @@ class VisionProjector(nn.Module):
         self.vision_proj = nn.Sequential(nn.Linear(vision_hidden_size, hidden_size))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """image_features (N, P, vision_hidden) -> (N, P, hidden)."""
         return self.vision_proj(image_features)

@@ -19,6 +19,7 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torc
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d): halves [x1, x2] become [-x2, x1], as MiniMind's `rotate_half`."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 

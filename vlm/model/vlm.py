@@ -32,6 +32,12 @@ class ImagePlaceholderError(ValueError):
 
 
 class MiniMindVLM(MiniMindForCausalLM):
+    """MiniMind language model + `vision_proj` projector + a vision encoder, configured by VLMConfig.
+
+    The encoder is either frozen and unregistered or a trainable submodule (see the module docstring and
+    `set_vision_encoder`); image features replace the placeholder tokens' embeddings in `forward`.
+    """
+
     config_class = VLMConfig
 
     def __init__(self, config: VLMConfig, vision_encoder: nn.Module | None = None, trainable_vision: bool = False):
@@ -75,10 +81,12 @@ class MiniMindVLM(MiniMindForCausalLM):
             self.__dict__["_frozen_vision_encoder"] = freeze_vision_encoder(encoder)
 
     def get_vision_encoder(self) -> nn.Module | None:
+        """The attached vision encoder (trainable submodule or frozen one), or None when none is attached."""
         return self._modules.get("vision_encoder") or self.__dict__["_frozen_vision_encoder"]
 
     @property
     def vision_trainable(self) -> bool:
+        """True when the vision encoder is a trainable submodule (attached with trainable=True)."""
         return "vision_encoder" in self._modules
 
     def _apply(self, fn, recurse=True):
@@ -142,6 +150,14 @@ class MiniMindVLM(MiniMindForCausalLM):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
+        """Causal-LM forward with images; returns `MiniMindOutput` (logits, CE loss with `labels`, aux loss).
+
+        input_ids (B, T); pixel_values (B, N, 3, H, W), normalised (`vlm.data.image.PixelNormalizer`):
+        their projected features replace the placeholder runs' embeddings (`merge_image_features`, which
+        raises ImagePlaceholderError when runs and images do not match). Given `inputs_embeds` (B, T, D),
+        `input_ids` and `pixel_values` are not used. Other keyword arguments (position_ids, cache, use_cache,
+        logits_to_keep, ...) go to `MiniMindForCausalLM.forward`.
+        """
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (B, T, D)
             if pixel_values is not None:

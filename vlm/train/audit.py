@@ -16,15 +16,19 @@ from vlm.data import plan
 
 
 class SampleAudit:
+    """Appends this rank's consumed sample keys to out_dir/samples/rank{r}.jsonl."""
+
     def __init__(self, out_dir: str | Path, rank: int):
         self.path = Path(out_dir) / "samples" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
 
     def record(self, epoch: int, micro_step: int, keys: list[str]) -> None:
+        """Write one line: the keys of micro-batch `micro_step` of `epoch`, in batch order."""
         self._file.write(json.dumps({"epoch": epoch, "micro_step": micro_step, "keys": keys}) + "\n")
 
     def flush(self) -> None:
+        """Flush the written lines to the file (the trainer does so at every checkpoint)."""
         self._file.flush()
 
 

@@ -8,6 +8,7 @@ one file. Launcher variables are read by `vlm.train.launcher`, the DeepSpeed JSO
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import importlib
@@ -40,8 +41,13 @@ def _skip_cpu_shm_comm_build() -> None:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    """Form the process group of this launch (NCCL on GPUs, gloo on CPU); returns this process's place in it."""
+    """Form the process group of this launch (NCCL on GPUs, gloo on CPU); returns this process's place in it.
+
+    Joining an existing group is a no-op (several runs in one process share it); the group is destroyed
+    when the process exits (`destroy_distributed` is registered with atexit).
+    """
     env = normalize_launcher_env()
+    atexit.register(destroy_distributed)  # registering twice is harmless: the second call finds no group
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         _skip_cpu_shm_comm_build()
@@ -57,7 +63,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
 
 
 def destroy_distributed() -> None:
-    """Tear the process group down (at exit, also after an error); a no-op when none was formed."""
+    """Tear the process group down (at exit, and at once after an error); a no-op when none exists."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DistEnv:
+    """This process's place in the launch: global rank, world size, local rank, and which launcher it was."""
+
     rank: int
     world_size: int
     local_rank: int

@@ -27,6 +27,7 @@ KNOWN_PEAK_FLOPS = {
 
 
 def detect_peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16/fp16 peak FLOP/s of the GPU named `device_name` (KNOWN_PEAK_FLOPS), else None."""
     if not device_name:
         return None
     for key, flops in KNOWN_PEAK_FLOPS.items():
@@ -47,6 +48,7 @@ class StepTimer:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new window now, with the data wait, tokens, samples and FLOPs back at zero."""
         self.start = time.perf_counter()
         self.data_wait = 0.0
         self.tokens = 0
@@ -54,12 +56,19 @@ class StepTimer:
         self.flops = 0.0
 
     def add(self, data_wait: float, tokens: int, samples: int, flops: float) -> None:
+        """Count one micro-batch of this rank: `data_wait` in seconds, its tokens, samples and FLOPs."""
         self.data_wait += data_wait
         self.tokens += tokens
         self.samples += samples
         self.flops += flops
 
     def summary(self, world_size: int, peak_flops: float | None) -> dict[str, float | None]:
+        """Rates over the window since `reset`: tokens/s and samples/s, data_wait_share and MFU.
+
+        Tokens and samples are this rank's counts times `world_size`; `data_wait_share` is the fraction
+        of wall time spent waiting for data; `mfu` is this rank's FLOP/s over `peak_flops` (FLOP/s), or None
+        without a peak.
+        """
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         flops_per_s = self.flops / elapsed  # this rank's
         return {
@@ -78,11 +87,13 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record` as one JSON line (sorted keys); does nothing unless enabled (rank 0)."""
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record of metrics.jsonl, blank lines skipped; [] when the file does not exist."""
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

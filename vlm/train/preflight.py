@@ -34,7 +34,12 @@ from vlm.build import build, configured_vision_folder, model_config
 from vlm.config import BUILTIN_TINY_VISION, Config, ConfigError, config_problems
 from vlm.data import plan
 from vlm.data.sources import SourceError, resolve_sources
-from vlm.model.vision_encoder import load_vision_encoder, read_vision_config, tiny_vision_config
+from vlm.model.vision_encoder import (
+    VisionEncoderError,
+    load_vision_encoder,
+    read_vision_config,
+    tiny_vision_config,
+)
 from vlm.model.vlm import MiniMindVLM
 from vlm.model.weights import read_state_dict
 from vlm.tokenizer import image_placeholder_id, load_tokenizer
@@ -330,7 +335,7 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
     elif files_ok:
         try:
             counts = estimate_parameters(cfg)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, VisionEncoderError) as err:
             report.add(WARNING, "files", f"could not count the model's parameters: {err}")
     check_out_dir(cfg, report, counts)
     return report

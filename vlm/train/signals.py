@@ -18,16 +18,23 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlag:
+    """Remembers a received SIGTERM/SIGUSR1 (`received`: its number) so training stops at a step boundary.
+
+    `install` sets the handlers, `uninstall` restores the previous ones, `agreed` is the cross-rank check.
+    """
+
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
 
     def install(self) -> StopFlag:
+        """Handle STOP_SIGNALS by recording them (the previous handlers are kept); returns self."""
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def uninstall(self) -> None:
+        """Restore the signal handlers that `install` replaced."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -24,6 +24,8 @@ MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_
 
 @dataclass
 class StepResult:
+    """What one micro-batch did on this rank: its loss, and whether it was skipped for a NaN/Inf loss."""
+
     loss: float | None  # this rank's loss for the micro-batch; None when it contributed nothing
     skipped_nonfinite: bool
 

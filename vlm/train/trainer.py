@@ -55,11 +55,12 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """The training loop of one rank: micro-batches through the engine, logging, eval, checkpoints, signals.
 
-    `start` holds the optimizer step to continue from ({"step": n} after a resume, {} for a fresh run).
+    `start` holds the optimizer step to continue from ({"step": n} after a resume, {} for a fresh run);
+    `total_steps` is where the run ends (`vlm.data.plan.total_steps`).
     """
 
     def __init__(self, cfg: Config, built: Built, engine, loader: TrainLoader, eval_loader: EvalLoader | None,
-                 dist_env: DistEnv, device: torch.device, start: dict):
+                 dist_env: DistEnv, device: torch.device, start: dict, total_steps: int):
         self.cfg, self.built, self.engine = cfg, built, engine
         self.loader, self.eval_loader = loader, eval_loader
         self.env, self.device = dist_env, device
@@ -78,8 +79,7 @@ class Trainer:
         mc = built.model.config
         self.flops_per_token = train_flops_per_token(lm_params, mc.num_hidden_layers, mc.hidden_size,
                                                      cfg.data.max_seq_len)
-        self.total_steps = plan.total_steps(loader.num_samples, loader.geometry, cfg.train.epochs,
-                                            cfg.train.max_steps)
+        self.total_steps = total_steps
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -236,10 +236,11 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def run(cfg: Config) -> int:
-    """Check, set everything up, train, and tear the process group down (also on error); returns the exit code.
+    """Check, set everything up and train; returns the exit code.
 
     A single process runs the preflight before anything else; several ranks run it once the process group
-    exists, so that they stop together when any of them finds a problem.
+    exists, so that they stop together when any of them finds a problem. An error tears the process group
+    down at once; otherwise it lives until the process exits (a following run in the same process reuses it).
     """
     if normalize_launcher_env().world_size == 1:
         check_at_startup(cfg, 1, 0)
@@ -249,8 +250,9 @@ def run(cfg: Config) -> int:
         if env.world_size > 1:
             check_at_startup(cfg, env.world_size, env.rank, lambda flag: distributed.any_rank(flag, device))
         return _train(cfg, env, device)
-    finally:
+    except BaseException:
         distributed.destroy_distributed()
+        raise
 
 
 def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
@@ -291,7 +293,7 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     if env.rank == 0:
         _print_header(cfg, env, counts, loader, resume, total)
     distributed.barrier()
-    return Trainer(cfg, built, engine, loader, eval_loader, env, device, start).fit()
+    return Trainer(cfg, built, engine, loader, eval_loader, env, device, start, total).fit()
 
 
 def _print_header(cfg: Config, env, counts: dict, loader, resume, total: int) -> None:
