@@ -27,9 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlm.formats import manifest as mf
-from vlm.formats.constants import IMAGE_FORMATS, IMAGE_TAG
-
-IMAGE_SUFFIXES = ("jpg", "png", "webp", "gif", "bmp")
+from vlm.formats.constants import IMAGE_EXTENSIONS, IMAGE_FORMATS, IMAGE_TAG
 
 
 def shard_paths(path: Path) -> tuple[list[Path], dict | None]:
@@ -66,7 +64,7 @@ def decode_sample(members: dict[str, bytes]) -> tuple[dict, list[tuple[str, tupl
     """(sample json, [(member, (w, h), mode), ...] for its images in placeholder order)."""
     doc = json.loads(members["json"]) if "json" in members else {}
     images = []
-    for suffix in sorted((s for s in members if s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES),
+    for suffix in sorted((s for s in members if s.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
                          key=lambda s: int(s.split(".")[0]) if s.split(".")[0].isdigit() else -1):
         with Image.open(io.BytesIO(members[suffix]), formats=IMAGE_FORMATS) as image:
             images.append((suffix, image.size, image.mode))
@@ -136,7 +134,7 @@ def inspect(path: Path, n_show: int, tokenizer=None, image_tokens: int = 0, limi
         samples += 1
         per_sample[len(images)] += 1
         formats.update(suffix.rsplit(".", 1)[-1] for suffix, _, _ in images)
-        other.update(s for s in members if s != "json" and s.rsplit(".", 1)[-1] not in IMAGE_SUFFIXES)
+        other.update(s for s in members if s != "json" and s.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS)
         if samples <= n_show:
             out.append(format_sample(key, doc, images))
         if tokenizer is not None:

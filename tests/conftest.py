@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from vlm.model.vision_encoder import write_tiny_vision_encoder
+# DeepSpeed picks its accelerator once, when first imported: tests that run it in-process use the CPU one
+# (gloo) on every machine, as the launcher tests do through tests.launching.cpu_env.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlm.model.vision_encoder import write_tiny_vision_encoder  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,6 @@ def clean_launcher_env(monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
         os.environ.pop(key, None)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def test_the_process_group_is_torn_down_after_an_error(tmp_path, capsys, clean_launcher_env):
@@ -165,4 +164,19 @@ def test_the_process_group_is_torn_down_after_an_error(tmp_path, capsys, clean_l
                  "--out_dir", str(tmp_path / "o"), "--batch_size", "2", "--resume", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert code == 1 and "CheckpointError" in err and "nowhere" in err
+    assert not torch.distributed.is_initialized()
+
+
+def test_after_a_teardown_the_same_process_forms_a_new_group_and_engine(clean_launcher_env, tiny_vision_dir):
+    import torch.distributed
+
+    from vlm.train import distributed
+
+    for _ in range(2):  # the second engine fails if DeepSpeed kept the destroyed group
+        distributed.init_distributed()
+        model = MiniMindVLM(tiny_config(), load_vision_encoder(tiny_vision_dir))
+        apply_trainable_policy(model, "all")
+        ds = build_ds_config(train_cfg(dtype="float32", zero_stage=2, warmup_steps=1), Geometry(1, 0, 1), 10, on_cpu=True)
+        assert distributed.build_engine(model, ds) is not None
+        distributed.destroy_distributed()
     assert not torch.distributed.is_initialized()

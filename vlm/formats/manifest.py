@@ -11,7 +11,7 @@ members, consecutive in the archive:
 - `KEY.json`: UTF-8 JSON object `{"conversations": [...], "source": {"file": <jsonl basename>, "line": N},
   "images": [original relative names, in placeholder order], ...extra fields of the record}`.
 - `KEY.0.jpg`, `KEY.1.png`, ...: one member per `<image>` placeholder, in order; the extension comes from
-  the decoded format (jpg, png, webp, gif, bmp), the bytes are the original file's unless `--resize-max`
+  the decoded format (jpg, png, webp, gif, bmp, tif), the bytes are the original file's unless `--resize-max`
   shrank it. Text-only samples have no image members.
 
 Sidecar index `{shard}.idx.json`: `{"keys": [...], "offsets": [...], "sizes": [...]}`, one entry per

@@ -63,9 +63,13 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
 
 
 def destroy_distributed() -> None:
-    """Tear the process group down (at exit, and at once after an error); a no-op when none exists."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Tear the process group down (at exit, and at once after an error); a no-op when none exists.
+
+    Through DeepSpeed, which also forgets the groups it cached, so a later run in the same process can form
+    a new group and build a new engine.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for_rank(local_rank: int, requested: str = "auto") -> torch.device:
