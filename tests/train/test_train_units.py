@@ -44,13 +44,13 @@ def train_cfg(**train):
 
 def test_ds_config_batch_fields_come_from_yaml():
     ds = build_ds_config(train_cfg(batch_size=4, accumulation_steps=3, dtype="bfloat16", zero_stage=2),
-                         Geometry(8, 0, 4, 3), 100, True)
+                         Geometry(8, 0, 4, 3), True)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 96
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
-    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert "scheduler" not in ds  # vlm.train.schedule's, handed to the engine
     assert ds["gradient_clipping"] == 1.0
 
 
@@ -58,7 +58,7 @@ def test_ds_json_may_not_hold_batch_or_contradicting_precision(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 64, "bf16": {"enabled": True}, "optimizer": {}}))
     with pytest.raises(ConfigError) as err:
-        build_ds_config(train_cfg(deepspeed_config=str(path), dtype="float32"), Geometry(2, 0, 16), 10, True)
+        build_ds_config(train_cfg(deepspeed_config=str(path), dtype="float32"), Geometry(2, 0, 16), True)
     text = str(err.value)
     assert "train_batch_size" in text and "optimizer" in text and "bf16.enabled" in text
 
@@ -176,7 +176,7 @@ def test_after_a_teardown_the_same_process_forms_a_new_group_and_engine(clean_la
         distributed.init_distributed()
         model = MiniMindVLM(tiny_config(), load_vision_encoder(tiny_vision_dir))
         apply_trainable_policy(model, "all")
-        ds = build_ds_config(train_cfg(dtype="float32", zero_stage=2, warmup_steps=1), Geometry(1, 0, 1), 10, on_cpu=True)
+        ds = build_ds_config(train_cfg(dtype="float32", zero_stage=2), Geometry(1, 0, 1), on_cpu=True)
         assert distributed.build_engine(model, ds) is not None
         distributed.destroy_distributed()
     assert not torch.distributed.is_initialized()

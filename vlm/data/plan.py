@@ -91,9 +91,21 @@ def micro_batches(num_positions: int, geometry: Geometry) -> int:
 
 
 def total_steps(num_samples: int, geometry: Geometry, epochs: int, max_steps: int | None = None) -> int:
-    """Optimizer steps of a whole run: steps per epoch x epochs, capped at `max_steps` (None: no cap)."""
-    steps = geometry.steps_per_epoch(num_samples) * epochs
-    return steps if max_steps is None else min(steps, max_steps)
+    """Optimizer steps of a whole fresh run: steps per epoch x epochs, capped at `max_steps` (None: no cap)."""
+    return last_step(new_position(0, 0, num_samples, geometry), 0, epochs, max_steps)
+
+
+def last_step(position: dict, steps_done: int, epochs: int, max_steps: int | None = None) -> int:
+    """The optimizer step a run ends at: `steps_done` (the step counter at `position`) plus the steps left
+    in the position's epoch as it is planned now (after a change of geometry too) plus whole epochs up to
+    `epochs`, capped at `max_steps` (None: no cap). Steps are counted in the current geometry."""
+    n, geometry, consumed = current_plan(position)
+    left = 0
+    if position["epoch"] < epochs:
+        left = (micro_batches(n, geometry) - consumed) // geometry.accumulation
+        left += (epochs - position["epoch"] - 1) * geometry.steps_per_epoch(position["num_samples"])
+    last = steps_done + left
+    return last if max_steps is None else min(last, max_steps)
 
 
 def worker_batches(total: int, slots: int, worker: int) -> int:

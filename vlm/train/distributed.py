@@ -85,15 +85,17 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_scheduler: Any = None):
     """Wrap the model in a DeepSpeed engine; only parameters that require grad reach the optimizer.
 
-    Raises ValueError when nothing is trainable.
+    `lr_scheduler`: a callable optimizer -> scheduler (`vlm.train.schedule.scheduler_factory`), stepped by the
+    engine after every optimizer step and saved in its checkpoints. Raises ValueError when nothing is trainable.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check train.trainable / train.trainable_patterns")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
+                                           lr_scheduler=lr_scheduler)
     return engine
 
 

@@ -1,6 +1,7 @@
 """The DeepSpeed JSON config of a run: ZeRO, precision and offload from `ds_configs/`, everything else from the YAML.
 
-Batch sizes, the optimizer, the schedule and clipping are filled in from the `train` section (one source);
+Batch sizes, the optimizer and clipping are filled in from the `train` section (one source; the schedule is
+`vlm.train.schedule`'s);
 a DeepSpeed JSON that sets them itself is a configuration error. Nothing here imports DeepSpeed.
 """
 
@@ -60,12 +61,13 @@ def _precision(ds: dict[str, Any], dtype: str) -> list[str]:
     return problems
 
 
-def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, total_steps: int, on_cpu: bool,
+def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, on_cpu: bool,
                     monitor_dir: str | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict: ZeRO/precision/offload from the JSON, batch sizes from `geometry` (the
-    one batch arithmetic, `vlm.data.plan.Geometry`), optimizer/schedule/clipping from `train_cfg`.
+    one batch arithmetic, `vlm.data.plan.Geometry`), optimizer and clipping from `train_cfg` (the learning
+    rate schedule is `vlm.train.schedule`'s, handed to the engine).
 
-    `total_steps` sizes the cosine schedule; `on_cpu` picks torch's AdamW (DeepSpeed's fused Adam would be
+    `on_cpu` picks torch's AdamW (DeepSpeed's fused Adam would be
     JIT-compiled first); `monitor_dir` (rank 0 only) turns on DeepSpeed's CSV/TensorBoard/W&B monitors.
     Raises ConfigError with every problem of `ds_config_problems`.
     """
@@ -87,16 +89,6 @@ def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, total_steps: int
             "weight_decay": train_cfg.weight_decay,
             # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam would be JIT-compiled first.
             "torch_adam": on_cpu and not offload,
-        },
-    }
-    ds["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": max(total_steps, train_cfg.warmup_steps + 1),
-            "warmup_num_steps": train_cfg.warmup_steps,
-            "warmup_min_ratio": 0.0,
-            "warmup_type": "linear",
-            "cos_min_ratio": train_cfg.min_lr_ratio,
         },
     }
     if train_cfg.grad_clip > 0:

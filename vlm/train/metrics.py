@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,12 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append `record` as one JSON line (sorted keys); does nothing unless enabled (rank 0)."""
+        """Append `record` as one JSON line (sorted keys; NaN and infinities become null, which JSON has);
+        does nothing unless enabled (rank 0)."""
         if self.enabled:
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.write(json.dumps(clean, sort_keys=True, allow_nan=False) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         """Every record of metrics.jsonl, blank lines skipped; [] when the file does not exist."""

@@ -172,6 +172,9 @@ def check_batch(cfg: Config, world_size: int, report: Report) -> None:
     report.add(OK, "batch", f"{arithmetic}; {samples} samples per epoch = {steps} steps, "
                             f"{samples - steps * geometry.global_batch} dropped per epoch (tail under one global batch)")
     total = plan.total_steps(samples, geometry, t.epochs, t.max_steps)
+    if t.warmup_steps > total:
+        report.add(WARNING, "batch", f"train.warmup_steps {t.warmup_steps} is more than the {total} steps of the "
+                                     "run: the learning rate never reaches train.learning_rate")
     if t.max_steps and t.max_steps > total:
         report.add(WARNING, "batch", f"train.max_steps {t.max_steps} is more than epochs x steps per epoch = "
                                      f"{total}: the run ends after {total} steps")

@@ -24,10 +24,12 @@ MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_
 
 @dataclass
 class StepResult:
-    """What one micro-batch did on this rank: its loss, and whether it was skipped for a NaN/Inf loss."""
+    """What one micro-batch did on this rank: its loss, whether it was skipped for a NaN/Inf loss, and the
+    learning rate of the optimizer step it belongs to (read before the step advances the schedule)."""
 
     loss: float | None  # this rank's loss for the micro-batch; None when it contributed nothing
     skipped_nonfinite: bool
+    lr: float = 0.0
 
 
 def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNormalizer) -> dict:
@@ -57,26 +59,28 @@ def run_micro_batch(
     engine, batch: dict, device: torch.device, normalize_pixels: PixelNormalizer
 ) -> StepResult:
     """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries)."""
+    lr = float(engine.get_lr()[0])
     if int(batch["num_samples"]) == 0:
         distributed.all_ranks(True, device)  # keep the all-reduce sequence identical on every rank
         _zero_weight_backward(engine, device)
-        return StepResult(None, False)
+        return StepResult(None, False, lr)
     out = engine(**model_inputs(batch, device, normalize_pixels))
     loss = out.loss.float() + out.aux_loss.float()
     if not distributed.all_ranks(bool(torch.isfinite(loss).item()), device):
         del out, loss  # drop the graph with the bad activations
         _zero_weight_backward(engine, device)
-        return StepResult(None, True)
+        return StepResult(None, True, lr)
     engine.backward(loss)
     engine.step()
-    return StepResult(float(out.loss.detach()), False)
+    return StepResult(float(out.loss.detach()), False, lr)
 
 
 @torch.no_grad()
 def evaluate_loss(
     engine, loader, device: torch.device, normalize_pixels: PixelNormalizer
-) -> float:
-    """Token-weighted mean loss over the eval loader, across ranks (ranks with fewer batches run dummies)."""
+) -> float | None:
+    """Token-weighted mean loss over the eval loader, across ranks (ranks with fewer batches run dummies);
+    None when no eval sample could be used on any rank."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     batches = iter(loader)
@@ -92,4 +96,4 @@ def evaluate_loss(
         total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64, device=device)
     distributed.all_reduce_sum(total)
     engine.train()
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    return float(total[0] / total[1]) if total[1] > 0 else None

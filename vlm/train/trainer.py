@@ -35,6 +35,7 @@ from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import DistEnv, normalize_launcher_env
 from vlm.train.metrics import MetricsLog, StepTimer, detect_peak_flops, plot_loss, train_flops_per_token
 from vlm.train.preflight import check_at_startup
+from vlm.train.schedule import scheduler_factory, set_peak_lr
 from vlm.train.signals import EXIT_CHECKPOINTED_ON_SIGNAL, StopFlag
 from vlm.train.stepping import StepResult, evaluate_loss, run_micro_batch
 
@@ -74,6 +75,7 @@ class Trainer:
         self.stop = StopFlag().install()
         self.bad_in_row = 0
         self.saved_step = -1
+        self.evaluated_step, self.eval_loss = -1, None
         self.window: list[StepResult] = []
         lm_params = sum(p.numel() for n, p in built.model.named_parameters() if not n.startswith("vision_encoder."))
         mc = built.model.config
@@ -151,7 +153,7 @@ class Trainer:
         return "done" if self.step >= self.total_steps else None
 
     def _finish(self) -> None:
-        loss = self.evaluate() if self.eval_loader is not None else None
+        loss = self.evaluate()
         if self.is_main:
             plot_loss(self.metrics.read(), self.out_dir / "loss.png", title=f"{self.cfg.train.stage} loss")
         export_live(self.engine, self.built, self.out_dir / "export", self.is_main)
@@ -171,7 +173,7 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.step, "epoch": self.loader.epoch, "loss": mean_loss,
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": self.window[-1].lr if self.window else None,  # what this step used, not the next one's
             "grad_norm": float(norm) if norm is not None and math.isfinite(float(norm)) else None,
             **summary, "memory_gb": _memory_gb(self.device),
             "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
@@ -180,7 +182,7 @@ class Trainer:
         self.metrics.write(record)
         if self.is_main:
             tqdm.write(
-                f"step {self.step}/{self.total_steps} loss {_fmt(mean_loss)} lr {record['lr']:.2e} "
+                f"step {self.step}/{self.total_steps} loss {_fmt(mean_loss)} lr {record['lr'] or 0:.2e} "
                 f"tok/s {record['tokens_per_s']:.0f} data-wait {record['data_wait_share']:.0%}"
             )
         self.window.clear()
@@ -196,12 +198,21 @@ class Trainer:
         return None
 
     def evaluate(self) -> float | None:
-        """Collective: the eval loss over data.eval_shards (logged and returned); None without eval shards."""
+        """Collective: the eval loss over data.eval_shards (logged and returned), once per step; None without
+        eval shards, or when no eval sample could be used (then a warning names the skip reasons)."""
         if self.eval_loader is None:
             return None
-        loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.normalize_pixels)
+        if self.evaluated_step == self.step:  # e.g. eval_interval hit the last step: the end adds no second one
+            return self.eval_loss
+        self.evaluated_step = self.step
+        self.eval_loss = loss = evaluate_loss(self.engine, self.eval_loader, self.device, self.normalize_pixels)
         self.metrics.write({"step": self.step, "epoch": self.loader.epoch, "eval_loss": loss})
-        if self.is_main:
+        if self.is_main and loss is None:
+            reasons = ", ".join(f"{r}: {n}" for r, n in self.eval_loader.monitor.by_reason.most_common())
+            log.warning("step %d: no eval sample of data.eval_shards could be used (skipped: %s); eval loss is "
+                        "null. Check them with `python -m data_tools.verify` and data.max_seq_len",
+                        self.step, reasons or "none counted on rank 0")
+        elif self.is_main:
             tqdm.write(f"step {self.step} eval loss {loss:.4f}")
         return loss
 
@@ -267,33 +278,35 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     eval_loader = EvalLoader(cfg.data.eval_shards, fmt, settings) if cfg.data.eval_shards else None
     resume = resolve_resume(out_dir, cfg.train.resume)
     meta = read_meta(resume) if resume else None
-    universal = meta is not None and meta["world_size"] != env.world_size
-    total = plan.total_steps(loader.num_samples, loader.geometry, cfg.train.epochs, cfg.train.max_steps)
-    if total < 1:
+    if meta is not None:
+        loader.load_state_dict(meta["data_state"])  # the position decides how many steps are left
+    done = meta["step"] if meta is not None else 0
+    total = plan.last_step(loader.position, done, cfg.train.epochs, cfg.train.max_steps)
+    if meta is None and total < 1:
         raise TrainingError(
             f"the training data gives {loader.micro_batches_per_epoch} micro-batches per rank per epoch: fewer "
             f"than one optimizer step (global batch {loader.geometry.global_batch} = batch_size "
             f"{cfg.train.batch_size} x accumulation_steps {cfg.train.accumulation_steps} x world size "
             f"{env.world_size}); use smaller batches or more data"
         )
-    ds_config = build_ds_config(cfg.train, loader.geometry, total, device.type == "cpu",
+    ds_config = build_ds_config(cfg.train, loader.geometry, device.type == "cpu",
                                 str(out_dir / "logs") if env.rank == 0 else None)
+    universal = meta is not None and meta["world_size"] != env.world_size
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    engine = distributed.build_engine(built.model, ds_config)
-    start = {}
+    engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
     if resume is not None:
-        meta = load_checkpoint(engine, resume, load_universal=universal)
-        loader.load_state_dict(meta["data_state"])
-        start = {"step": meta["step"]}
+        load_checkpoint(engine, resume, load_universal=universal)
+        previous = set_peak_lr(engine.lr_scheduler, cfg.train.learning_rate)
+        if env.rank == 0 and not math.isclose(previous, cfg.train.learning_rate):
+            log.info("train.learning_rate changed on resume: %.3g -> %.3g, from step %d on",
+                     previous, cfg.train.learning_rate, done + 1)
         if cfg.data.log_samples and env.rank == 0:
             truncate_audit(out_dir, meta["data_state"])
-    else:
-        loader.set_epoch(0)
     if env.rank == 0:
         _print_header(cfg, env, counts, loader, resume, total)
     distributed.barrier()
-    return Trainer(cfg, built, engine, loader, eval_loader, env, device, start, total).fit()
+    return Trainer(cfg, built, engine, loader, eval_loader, env, device, {"step": done}, total).fit()
 
 
 def _print_header(cfg: Config, env, counts: dict, loader, resume, total: int) -> None:

@@ -1,0 +1,115 @@
+"""A run's whole life through the real entry point (`vlm.train.cli.main`, one process, in this process):
+schedules, resume under a new geometry or learning rate, and what a resume refuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.data.shard_fixtures import write_shards
+from vlm.train import distributed
+from vlm.train.cli import main
+from vlm.train.schedule import lr_factor
+
+PEAK = 1e-3
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    """A fresh single-process launch per test: its own copy of the environment, the group torn down after."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
+        os.environ.pop(key, None)
+    yield
+    distributed.destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def shards60(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("s60") / "shards", [25, 35], images_of=lambda i: 1)
+
+
+def train(shards: Path, out_dir: Path, *flags: str) -> int:
+    return main(["--config", "launch/configs/debug.yaml", "--train_shards", str(shards), "--out_dir", str(out_dir),
+                 "--learning_rate", str(PEAK), "--train.warmup_steps", "0", "--log_interval", "1", *flags])
+
+
+def step_records(out_dir: Path) -> dict[int, dict]:
+    """The last training record of each step in metrics.jsonl (a resumed run appends)."""
+    records = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+def audited_keys(out_dir: Path) -> Counter:
+    keys = Counter()
+    for path in (out_dir / "samples").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            keys.update(json.loads(line)["keys"])
+    return keys
+
+
+def test_no_warm_up_means_the_first_step_learns_at_the_peak(shards60, tmp_path, launch_env):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2") == 0
+    lrs = [r["lr"] for _, r in sorted(step_records(out).items())]
+    assert lrs == pytest.approx([PEAK * lr_factor(s, 0, 2, 0.1) for s in range(2)]) and lrs[0] == PEAK
+
+
+def test_warm_up_runs_no_step_at_learning_rate_zero_and_a_short_run_is_warned(shards60, tmp_path, launch_env,
+                                                                               caplog):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--train.warmup_steps", "4") == 0
+    lrs = [r["lr"] for _, r in sorted(step_records(out).items())]
+    assert lrs == pytest.approx([PEAK / 4, PEAK / 2])
+    assert "never reaches train.learning_rate" in caplog.text
+
+
+def test_schedule_shape():
+    assert [lr_factor(s, 4, 10, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(9, 4, 10, 0.1) == pytest.approx(0.1) and lr_factor(20, 4, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 0, 10, 0.1) == 1.0
+
+
+def test_a_larger_global_batch_after_a_resume_keeps_the_rest_of_the_epoch(shards60, tmp_path, launch_env):
+    # 60 samples, batch 4: 6 steps = 24 samples; then accumulation 2 (global batch 8): 4 more steps = 32
+    # samples, a 4-sample tail. 56 of 60 trained, each once.
+    out = tmp_path / "o"
+    assert train(shards60, out, "--batch_size", "4", "--max_steps", "6", "--log_samples") == 0
+    assert train(shards60, out, "--batch_size", "4", "--accumulation_steps", "2", "--max_steps", "null",
+                 "--log_samples") == 0
+    assert max(step_records(out)) == 10
+    keys = audited_keys(out)
+    assert len(keys) == 56 and set(keys.values()) == {1}
+    assert train(shards60, out, "--batch_size", "4", "--accumulation_steps", "2", "--max_steps", "null",
+                 "--log_samples") == 0  # the same command again: the epoch is done, nothing more
+    assert max(step_records(out)) == 10 and audited_keys(out) == keys
+
+
+def test_a_new_learning_rate_applies_from_the_first_resumed_step(shards60, tmp_path, launch_env, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "3") == 0
+    assert train(shards60, out, "--max_steps", "5", "--learning_rate", str(PEAK / 2)) == 0
+    records = step_records(out)
+    assert records[4]["lr"] == pytest.approx(PEAK / 2 * lr_factor(3, 0, 5, 0.1))
+    assert records[5]["lr"] == pytest.approx(PEAK / 2 * lr_factor(4, 0, 5, 0.1))
+    assert "learning_rate changed on resume" in caplog.text
+
+
+def test_an_eval_set_without_a_usable_sample_is_named_and_logged_as_null_once_per_step(shards60, tmp_path,
+                                                                                        launch_env, caplog):
+    broken = write_shards(tmp_path / "eval", [6], prefix="e", special={i: {"json": b"{not json"} for i in range(6)})
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--eval_shards", str(broken), "--train.eval_interval=1") == 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [(r["step"], r["eval_loss"]) for r in evals] == [(1, None), (2, None)]
+    assert "no eval sample" in caplog.text and "bad_json" in caplog.text
