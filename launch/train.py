@@ -7,7 +7,8 @@
 Flags: the seed guide's (--out_dir --epochs --batch_size --learning_rate --device --dtype --num_workers
 --accumulation_steps --grad_clip --log_interval --save_interval --dim --n_layers --max_seq_len --use_moe),
 --train_shards --eval_shards --max_steps --seed --zero_stage --deepspeed_config --resume --log_samples,
-and --section.key=value for any other field of vlm/config.py. Exit code 75: checkpointed on a signal.
+and --section.key=value for any other field of vlm/config.py. Exit codes: 0 done, 1 bad input, 2 bad
+config, 74 a checkpoint could not be written, 75 checkpointed on a signal (requeue and resume).
 """
 
 import sys

@@ -155,7 +155,9 @@ class TrainConfig:
     log_interval: int = _f(100, "Optimizer steps between log lines.")
     save_interval: int = _f(100, "Optimizer steps between checkpoints.")
     keep_checkpoints: int = _f(3, "Complete checkpoints kept; older ones are deleted.")
-    resume: str = _f("auto", "'auto' (newest complete checkpoint in out_dir), 'never', or a checkpoint path.")
+    resume: str = _f("auto", "'auto' (newest intact checkpoint in out_dir), 'never', or a checkpoint path.")
+    previous_run: str = _f("refuse", "A fresh run in an out_dir with another run's checkpoints: 'refuse' (stop), "
+                                     "or 'move' (its outputs go to out_dir/previous-<time>/).")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3 (selects ds_configs/zero<N>.json).")
     deepspeed_config: str | None = _f(None, "DeepSpeed JSON overriding zero_stage's file (no batch fields).")
     trainable: str = _f("projector", f"What trains: one of {TRAINABLE_POLICIES}.")
@@ -322,6 +324,7 @@ def _value_problems(cfg: Config) -> list[str]:
         (t.trainable in TRAINABLE_POLICIES, f"train.trainable must be one of {TRAINABLE_POLICIES}, got {t.trainable!r}"),
         (d.batching in BATCHING, f"data.batching must be one of {BATCHING}, got {d.batching!r}"),
         (t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}"),
+        (t.previous_run in ("refuse", "move"), f"train.previous_run must be 'refuse' or 'move', got {t.previous_run!r}"),
         (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
         (t.accumulation_steps >= 1, f"train.accumulation_steps must be >= 1, got {t.accumulation_steps}"),

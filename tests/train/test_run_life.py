@@ -4,6 +4,7 @@ schedules, resume under a new geometry or learning rate, and what a resume refus
 from __future__ import annotations
 
 import json
+import sys
 import logging
 import os
 from collections import Counter
@@ -113,3 +114,102 @@ def test_an_eval_set_without_a_usable_sample_is_named_and_logged_as_null_once_pe
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert [(r["step"], r["eval_loss"]) for r in evals] == [(1, None), (2, None)]
     assert "no eval sample" in caplog.text and "bad_json" in caplog.text
+
+
+def test_a_changed_model_shape_or_a_missing_checkpoint_is_named(shards60, tmp_path, launch_env, capsys):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2") == 0
+    assert train(shards60, out, "--max_steps", "3", "--dim", "128") == 1
+    err = capsys.readouterr().err
+    assert "model.hidden_size: 64 in step_000000002, 128 now" in err and "--resume never" in err
+    assert train(shards60, out, "--max_steps", "3", "--resume", "latest") == 1
+    assert "latest does not exist" in capsys.readouterr().err
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(shards60, tmp_path, launch_env, caplog):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2") == 0
+    (optimizer,) = (out / "checkpoints" / "step_000000004").glob("*optim_states.pt")
+    optimizer.write_bytes(b"")
+    assert train(shards60, out, "--max_steps", "6", "--save_interval", "2") == 0
+    assert "step_000000004 is damaged" in caplog.text and "resuming from step_000000002" in caplog.text
+    assert sorted(step_records(out)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fresh_run_refuses_or_moves_aside_an_older_runs_checkpoints(shards60, tmp_path, launch_env, capsys):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "6", "--save_interval", "2") == 0  # an older, longer run
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2", "--resume", "never") == 2
+    assert "holds checkpoints of an earlier run (newest step_000000006)" in capsys.readouterr().err
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2", "--resume", "never",
+                 "--train.previous_run=move") == 0
+    ours = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ours == ["step_000000002", "step_000000004"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_000000004"
+    (previous,) = out.glob("previous-*")
+    assert sorted(p.name for p in (previous / "checkpoints").glob("step_*")) == [
+        "step_000000002", "step_000000004", "step_000000006"]
+    assert sorted(step_records(out)) == [1, 2, 3, 4]  # the new run's metrics only
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2") == 0  # a restart resumes the new run
+    assert sorted(step_records(out)) == [1, 2, 3, 4]
+
+
+def test_a_second_run_in_a_live_runs_out_dir_is_refused(shards60, tmp_path, launch_env, capsys):
+    import signal
+    import subprocess
+    import time
+
+    from tests.launching import REPO, cpu_env
+    from vlm.doctor import main as doctor
+    from vlm.train.ownership import lock_problem
+
+    out = tmp_path / "o"
+    first = subprocess.Popen(
+        [sys.executable, "launch/train.py", "--config", "launch/configs/debug.yaml", "--train_shards",
+         str(shards60), "--out_dir", str(out), "--epochs", "1000", "--max_steps", "null"],
+        cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while lock_problem(out) is None:
+            assert first.poll() is None and time.time() < deadline, "the first run never took its lock"
+            time.sleep(0.2)
+        assert train(shards60, out, "--max_steps", "2") == 2  # the preflight finds the lock
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {first.pid}" in err
+        assert doctor(["--config", "launch/configs/debug.yaml", "--train_shards", str(shards60), "--out_dir",
+                       str(out), "--quick"]) == 1
+        assert "in use by another run" in capsys.readouterr().out
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert lock_problem(out) is None  # the kernel let go of a killed run's lock
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_its_own_exit_code(shards60, tmp_path,
+                                                                                      launch_env, capsys):
+    import shutil
+    import subprocess
+
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--train.keep_checkpoints=1") == 0
+    checkpoints = out / "checkpoints"
+    used = sum(p.stat().st_size for p in checkpoints.rglob("*") if p.is_file())
+    keep = tmp_path / "kept"
+    shutil.move(checkpoints, keep)
+    checkpoints.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + 256 * 1024}", "tmpfs", str(checkpoints)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        for item in keep.iterdir():
+            shutil.copytree(item, checkpoints / item.name) if item.is_dir() else shutil.copy(item, checkpoints)
+        assert train(shards60, out, "--max_steps", "3", "--train.keep_checkpoints=1") == 74  # a full disk
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in err and "cannot write checkpoint" in line and "step_000000003" in line
+        assert "the newest complete checkpoint is" in line and "step_000000002" in line
+    finally:
+        import gc
+
+        gc.collect()  # a failed torch.save may still hold its file open
+        subprocess.run(["umount", "--lazy", str(checkpoints)], capture_output=True)

@@ -107,8 +107,37 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     assert ckpt.resolve_resume(tmp_path, str(tmp_path)).name == "step_000000010"
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(tmp_path, str(root / "step_000000015"))
-    ckpt.prune_checkpoints(tmp_path, keep=1)
+    ckpt.prune_checkpoints(tmp_path, keep=1, run_id=None, written=root / "step_000000010")
     assert sorted(p.name for p in root.iterdir()) == ["step_000000010", "step_000000015"]
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.resolve_resume(tmp_path, "latest")
+
+
+def test_pruning_touches_only_this_runs_checkpoints_and_never_the_one_just_written(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, run in ((2, "new"), (4, "new"), (6, "old"), (8, "old")):  # an older, longer run sorts newer
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        ckpt.write_json_atomic(root / ckpt.tag_for(step) / "meta.json", {"step": step, "run_id": run})
+    ckpt.prune_checkpoints(tmp_path, keep=1, run_id="new", written=root / "step_000000004")
+    assert sorted(p.name for p in root.iterdir()) == ["step_000000004", "step_000000006", "step_000000008"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        folder = root / ckpt.tag_for(step)
+        (folder / "sub").mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"x" * 10)
+        (folder / "sub" / "optim.pt").write_bytes(b"y" * 20)
+        ckpt.write_json_atomic(folder / "meta.json", {"step": step, "files": ckpt.file_sizes(folder)})
+    (root / "step_000000002" / "sub" / "optim.pt").write_bytes(b"")  # a 0-byte optimizer file
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step_000000001"
+    assert "step_000000002 is damaged (sub/optim.pt has 0 bytes, 20 were written)" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match="damaged: sub/optim.pt"):
+        ckpt.resolve_resume(tmp_path, str(root / "step_000000002"))
+    (root / "step_000000001" / "model.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="every checkpoint .* is damaged"):
+        ckpt.resolve_resume(tmp_path, "auto")
 
 
 @pytest.mark.parametrize("env,expected", [

@@ -16,15 +16,19 @@ complete one. This module is the folder format and its reading (used by export a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from vlm.config import ARCHITECTURE_FIELDS, Config
+
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 _TAG = re.compile(r"^step_(\d{9})$")
+log = logging.getLogger("vlm.train")
 
 
 class CheckpointError(RuntimeError):
@@ -58,40 +62,103 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
-    """The meta.json of a complete checkpoint; CheckpointError if there is none."""
-    path = Path(checkpoint) / META
-    if not path.is_file():
+    """The meta.json of a complete checkpoint; CheckpointError if the folder does not exist or has none."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"{checkpoint} does not exist (train.resume takes 'auto' for the newest checkpoint "
+                              "of train.out_dir, 'never', an out_dir or one checkpoint folder)")
+    if not (path / META).is_file():
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {META}); it may have been interrupted")
-    return json.loads(path.read_text())
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / META} cannot be read: {err}") from err
+
+
+def file_sizes(checkpoint: str | Path) -> dict[str, int]:
+    """{path relative to the checkpoint: bytes} of every file in it but meta.json (recorded at save time)."""
+    root = Path(checkpoint)
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != META}
+
+
+def damage(checkpoint: str | Path, meta: dict[str, Any]) -> list[str]:
+    """What is wrong with a checkpoint's files against the sizes its meta.json recorded ([] = intact, or
+    written before sizes were recorded)."""
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict):
+        return []
+    now = file_sizes(checkpoint)
+    problems = [f"{name} is missing" for name in recorded if name not in now]
+    problems += [f"{name} has {now[name]} bytes, {size} were written" for name, size in recorded.items()
+                 if name in now and now[name] != size]
+    return problems
+
+
+def newest_intact(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files are as written; each newer damaged one is named in a warning.
+
+    None when there is no complete checkpoint; CheckpointError when there are some and every one is damaged.
+    """
+    damaged = []
+    for path in reversed(complete_checkpoints(out_dir)):
+        problems = damage(path, read_meta(path))
+        if not problems:
+            for name, found in damaged:
+                log.warning("checkpoint %s is damaged (%s): resuming from %s instead", name, found, path.name)
+            return path
+        damaged.append((path.name, "; ".join(problems[:3])))
+    if damaged:
+        raise CheckpointError(f"every checkpoint in {checkpoint_root(out_dir)} is damaged: "
+                              + "; ".join(f"{name}: {found}" for name, found in damaged))
+    return None
 
 
 def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
-    """'never' -> None; 'auto' -> the newest complete checkpoint or None; else that checkpoint folder."""
+    """'never' -> None; 'auto' -> the newest intact checkpoint of out_dir, or None; an out_dir -> its newest
+    intact one; else that checkpoint folder, which must be complete and intact. Raises CheckpointError."""
     if resume == "never":
         return None
     if resume == "auto":
-        done = complete_checkpoints(out_dir)
-        return done[-1] if done else None
+        return newest_intact(out_dir)
     path = Path(resume)
     if (path / CHECKPOINTS).is_dir():  # an out_dir was given: take its newest
-        done = complete_checkpoints(path)
-        if not done:
+        found = newest_intact(path)
+        if found is None:
             raise CheckpointError(f"--resume {resume}: no complete checkpoint under {path / CHECKPOINTS}")
-        return done[-1]
-    read_meta(path)
+        return found
+    problems = damage(path, read_meta(path))
+    if problems:
+        raise CheckpointError(f"--resume {resume}: the checkpoint is damaged: {'; '.join(problems)}")
     return path
 
 
-def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and interrupted saves older than the newest."""
-    done = complete_checkpoints(out_dir)
-    if not done:
-        return
-    newest = done[-1].name
-    for path in done[:-keep]:
+# Settings whose change makes a checkpoint unloadable: the model's shapes and the optimizer's parameters.
+RESUME_FIXED = tuple(("model", name) for name in ARCHITECTURE_FIELDS + ("vocab_size", "tokenizer", "image_placeholder",
+                                                                        "vision_trainable")) + (
+    ("train", "trainable"), ("train", "trainable_patterns"))
+
+
+def resume_problems(checkpoint: Path, meta: dict[str, Any], cfg: Config) -> list[str]:
+    """The settings that differ between the checkpoint's resolved config and `cfg` and that a resume cannot
+    bridge (model shape, vocabulary, what trains), each naming both values ([] = resumable)."""
+    saved, now = meta.get("config") or {}, cfg.to_dict()
+    changed = [f"{section}.{name}: {saved[section][name]!r} in {checkpoint.name}, {now[section][name]!r} now"
+               for section, name in RESUME_FIXED
+               if name in saved.get(section, {}) and saved[section][name] != now[section][name]]
+    if changed:
+        changed.append("resume with the checkpoint's settings, or start fresh: another train.out_dir, or "
+                       "--resume never --train.previous_run=move")
+    return changed
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int, run_id: str | None, written: Path) -> None:
+    """Keep this run's newest `keep` complete checkpoints, `written` (the one just saved) always; drop its older
+    ones and interrupted saves older than `written`. Checkpoints of other runs (another run_id) are never
+    touched."""
+    ours = [p for p in complete_checkpoints(out_dir) if read_meta(p).get("run_id") == run_id and p != written]
+    for path in ours[: max(0, len(ours) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
     for path in checkpoint_root(out_dir).iterdir():
-        if _TAG.match(path.name) and not (path / META).is_file() and path.name < newest:
+        if _TAG.match(path.name) and not (path / META).is_file() and path.name < written.name:
             shutil.rmtree(path, ignore_errors=True)
-
-

@@ -14,6 +14,7 @@ from vlm.data.text import ChatTemplateError
 from vlm.model.vision_encoder import VisionEncoderError
 from vlm.model.weights import WeightsMismatchError
 from vlm.train.checkpoint import CheckpointError
+from vlm.train.engine_state import EXIT_CHECKPOINT_WRITE, CheckpointWriteError
 from vlm.train.launcher import normalize_launcher_env
 from vlm.train.trainer import TrainingError, run
 
@@ -25,7 +26,7 @@ USER_ERRORS = (
 
 def main(argv: list[str] | None = None) -> int:
     """Train with the config and flags in `argv`; returns the exit code (0 done, 1 bad input, 2 bad config
-    or command line, 75 checkpointed on a stop signal)."""
+    or command line, 74 a checkpoint could not be written, 75 checkpointed on a stop signal)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         # --local_rank is injected by the deepspeed launcher (LOCAL_RANK is set too).
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_WRITE
     except USER_ERRORS as err:  # problems with the inputs: a clear message, no traceback
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -23,6 +23,8 @@ from vlm.train.checkpoint import (
     META,
     CheckpointError,
     checkpoint_root,
+    complete_checkpoints,
+    file_sizes,
     prune_checkpoints,
     read_meta,
     tag_for,
@@ -47,25 +49,57 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
     random.setstate((version, tuple(state), gauss))
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (read-only folder, full disk, ...); the run stops with
+    EXIT_CHECKPOINT_WRITE, its newest complete checkpoint named."""
+
+
+EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
+
+
 def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder once it is complete and published."""
+    """Collective: every rank calls it. Returns the checkpoint folder once it is complete and published.
+
+    meta.json also records every file's size (so a damaged checkpoint is recognised on resume); older
+    checkpoints of the same run (`meta["run_id"]`) beyond `keep` are pruned, never another run's. Raises
+    CheckpointWriteError on every rank when any rank could not write its part.
+    """
     root = checkpoint_root(out_dir)
     tag = tag_for(step)
     rank = distributed.rank()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    rng_dir = root / tag / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    tensors, plain = _rng_state()
-    torch.save(tensors, rng_dir / f"rank{rank}.pt")
-    write_json_atomic(rng_dir / f"rank{rank}.json", plain)
-    distributed.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        rng_dir = root / tag / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        tensors, plain = _rng_state()
+        torch.save(tensors, rng_dir / f"rank{rank}.pt")
+        write_json_atomic(rng_dir / f"rank{rank}.json", plain)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        error = err
+    # Every rank's files are on disk (or some rank failed) before the checkpoint is declared complete.
+    if distributed.any_rank(error is not None, engine.device):
+        raise _write_error(root / tag, error, out_dir)
     if rank == 0:
-        write_json_atomic(root / tag / META, {**meta, "step": step, "tag": tag, "saved_at": time.time()})
-        (root / ".latest.tmp").write_text(tag)
-        os.replace(root / ".latest.tmp", root / "latest")
-        prune_checkpoints(out_dir, keep)
-    distributed.barrier()
+        try:
+            write_json_atomic(root / tag / META, {**meta, "step": step, "tag": tag, "saved_at": time.time(),
+                                                   "files": file_sizes(root / tag)})
+            (root / ".latest.tmp").write_text(tag)
+            os.replace(root / ".latest.tmp", root / "latest")
+            prune_checkpoints(out_dir, keep, meta.get("run_id"), root / tag)
+        except OSError as err:
+            error = err
+    if distributed.any_rank(error is not None, engine.device):
+        raise _write_error(root / tag, error, out_dir)
     return root / tag
+
+
+def _write_error(folder: Path, error: BaseException | None, out_dir: str | Path) -> CheckpointWriteError:
+    done = [p for p in complete_checkpoints(out_dir) if p != folder]
+    cause = f"{type(error).__name__}: {error}" if error is not None else "another rank could not write its part"
+    newest = done[-1] if done else "none (nothing to resume from)"
+    return CheckpointWriteError(f"cannot write checkpoint {folder} ({cause}); the newest complete checkpoint is "
+                                f"{newest}. Free disk space or make {folder.parent} writable, then resume")
 
 
 def load_checkpoint(engine, checkpoint: Path, load_universal: bool = False) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Checks, each reported as ok / warning / PROBLEM:
   files     tokenizer, vision encoder, initial weights, DeepSpeed JSON (leaving batch sizes, optimizer and
             precision to the YAML), eval shards exist, and (with `load`) load:
             the model is built with its starting weights, strictly
-  out_dir   writable; free disk for keep_checkpoints + 1 checkpoints (estimated from the parameter count)
+  out_dir   writable; not locked by a live run; no earlier run's checkpoints when starting fresh
+            (train.resume never); free disk for keep_checkpoints + 1 checkpoints (from the parameter count)
 Nothing here starts a process group, imports DeepSpeed or writes outside temporary folders.
 """
 
@@ -43,9 +44,11 @@ from vlm.model.vision_encoder import (
 from vlm.model.vlm import MiniMindVLM
 from vlm.model.weights import read_state_dict
 from vlm.tokenizer import image_placeholder_id, load_tokenizer
+from vlm.train.checkpoint import CheckpointError
 from vlm.train.ds_config import ds_config_problems
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import launcher_problems, normalize_launcher_env
+from vlm.train.ownership import claim_out_dir, lock_problem
 
 log = logging.getLogger("vlm.preflight")
 
@@ -303,6 +306,14 @@ def check_out_dir(cfg: Config, report: Report, counts: dict[str, int] | None) ->
         where = "" if base == out.absolute() else f" (it does not exist yet; {base} is where it would be made)"
         report.add(PROBLEM, "out_dir", f"train.out_dir: cannot write in {base}{where}: {err.strerror}")
         return
+    busy = lock_problem(out) if out.is_dir() else None
+    if busy is not None:
+        report.add(PROBLEM, "out_dir", busy)
+    if cfg.train.resume == "never":
+        try:
+            claim_out_dir(out, cfg.train.previous_run, move=False)
+        except CheckpointError as err:
+            report.add(PROBLEM, "out_dir", str(err))
     free = shutil.disk_usage(base).free
     if counts is None:
         report.add(OK, "out_dir", f"{out} is writable; {free / 2**30:.1f} GiB free")

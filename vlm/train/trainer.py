@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,14 @@ from vlm.data.image import PixelNormalizer
 from vlm.data.pipeline import EvalLoader, LoaderSettings, TrainLoader
 from vlm.train import distributed
 from vlm.train.audit import SampleAudit, truncate_audit
-from vlm.train.checkpoint import read_meta, resolve_resume
+from vlm.train.checkpoint import CheckpointError, read_meta, resolve_resume, resume_problems
 from vlm.train.ds_config import build_ds_config
 from vlm.train.engine_state import load_checkpoint, save_checkpoint
 from vlm.train.export_live import export_live
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import DistEnv, normalize_launcher_env
 from vlm.train.metrics import MetricsLog, StepTimer, detect_peak_flops, plot_loss, train_flops_per_token
+from vlm.train.ownership import OutDirLock, claim_out_dir
 from vlm.train.preflight import check_at_startup
 from vlm.train.schedule import scheduler_factory, set_peak_lr
 from vlm.train.signals import EXIT_CHECKPOINTED_ON_SIGNAL, StopFlag
@@ -56,7 +58,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """The training loop of one rank: micro-batches through the engine, logging, eval, checkpoints, signals.
 
-    `start` holds the optimizer step to continue from ({"step": n} after a resume, {} for a fresh run);
+    `start` holds the optimizer step to continue from and the run's identity ({"step": n, "run_id": id});
     `total_steps` is where the run ends (`vlm.data.plan.total_steps`).
     """
 
@@ -69,6 +71,7 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.is_main = dist_env.rank == 0
         self.step = start.get("step", 0)
+        self.run_id = start.get("run_id")
         self.metrics = MetricsLog(self.out_dir, self.is_main)
         self.audit = SampleAudit(self.out_dir, dist_env.rank) if cfg.data.log_samples else None
         self.timer = StepTimer()
@@ -221,7 +224,7 @@ class Trainer:
         meta = {
             "epoch": data_state.get("epoch", self.loader.epoch), "data_state": data_state,
             "world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
-            "config": self.cfg.to_dict(), "total_steps": self.total_steps,
+            "config": self.cfg.to_dict(), "total_steps": self.total_steps, "run_id": self.run_id,
         }
         path = save_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
         self.saved_step = self.step
@@ -260,15 +263,32 @@ def run(cfg: Config) -> int:
         device = distributed.device_for_rank(env.local_rank, cfg.train.device)
         if env.world_size > 1:
             check_at_startup(cfg, env.world_size, env.rank, lambda flag: distributed.any_rank(flag, device))
-        return _train(cfg, env, device)
+        lock = _lock_out_dir(Path(cfg.train.out_dir), env.rank, device)
+        try:
+            return _train(cfg, env, device)
+        finally:
+            if lock is not None:
+                lock.release()
     except BaseException:
         distributed.destroy_distributed()
         raise
 
 
+def _lock_out_dir(out_dir: Path, rank: int, device: torch.device) -> OutDirLock | None:
+    """Collective: rank 0 takes out_dir's lock for the run's life; every rank stops if it could not."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = OutDirLock(out_dir).acquire()
+        except CheckpointError as err:
+            error = err
+    if distributed.any_rank(error is not None, device):
+        raise error if error is not None else CheckpointError(f"rank 0 could not lock train.out_dir {out_dir}")
+    return lock
+
+
 def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     built = build(cfg)
     counts = apply_trainable_policy(built.model, cfg.train.trainable, cfg.train.trainable_patterns)
@@ -278,9 +298,18 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     eval_loader = EvalLoader(cfg.data.eval_shards, fmt, settings) if cfg.data.eval_shards else None
     resume = resolve_resume(out_dir, cfg.train.resume)
     meta = read_meta(resume) if resume else None
-    if meta is not None:
+    if meta is None:
+        moved = claim_out_dir(out_dir, cfg.train.previous_run, move=env.rank == 0)
+        if moved is not None:
+            log.warning("train.previous_run=move: the earlier run's outputs are now in %s", moved)
+        distributed.barrier()
+    else:
+        problems = resume_problems(resume, meta, cfg)
+        if problems:
+            raise CheckpointError(f"cannot resume from {resume}: " + "; ".join(problems))
         loader.load_state_dict(meta["data_state"])  # the position decides how many steps are left
     done = meta["step"] if meta is not None else 0
+    run_id = meta.get("run_id") if meta is not None else uuid.uuid4().hex  # rank 0's is the one saved
     total = plan.last_step(loader.position, done, cfg.train.epochs, cfg.train.max_steps)
     if meta is None and total < 1:
         raise TrainingError(
@@ -306,7 +335,8 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     if env.rank == 0:
         _print_header(cfg, env, counts, loader, resume, total)
     distributed.barrier()
-    return Trainer(cfg, built, engine, loader, eval_loader, env, device, {"step": done}, total).fit()
+    return Trainer(cfg, built, engine, loader, eval_loader, env, device, {"step": done, "run_id": run_id},
+                   total).fit()
 
 
 def _print_header(cfg: Config, env, counts: dict, loader, resume, total: int) -> None:
