@@ -4,9 +4,9 @@ schedules, resume under a new geometry or learning rate, and what a resume refus
 from __future__ import annotations
 
 import json
-import sys
 import logging
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
