@@ -213,3 +213,80 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_its_own_exi
 
         gc.collect()  # a failed torch.save may still hold its file open
         subprocess.run(["umount", "--lazy", str(checkpoints)], capture_output=True)
+
+
+def _states(checkpoint: Path) -> tuple[dict, dict, int]:
+    """(model weights, optimizer state, schedule position) of a ZeRO-2 checkpoint folder (our own files)."""
+    import torch
+
+    model = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    (optim_file,) = checkpoint.glob("*optim_states.pt")
+    optim = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    adam = {k: optim[k] for k in ("base_optimizer_state", "single_partition_of_fp32_groups")}  # moments, master
+    return model["module"], adam, model["lr_scheduler"]["last_epoch"]
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_nan_micro_batch_changes_nothing_and_its_samples_count_as_skipped(shards60, tmp_path, launch_env,
+                                                                            monkeypatch, caplog):
+    from vlm.model.vlm import MiniMindVLM
+
+    forward, calls = MiniMindVLM.forward, []
+
+    def fifth_batch_is_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("labels") is not None and self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MiniMindVLM, "forward", fifth_batch_is_nan)
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "6", "--save_interval", "1", "--train.keep_checkpoints=10",
+                 "--train.weight_decay=0.1", "--log_samples") == 0
+    root = out / "checkpoints"
+    before, skipped, after = (_states(root / f"step_00000000{s}") for s in (4, 5, 6))
+    assert _same(before[0], skipped[0]) and _same(before[1], skipped[1]) and before[2] == skipped[2] == 4
+    assert not _same(skipped[0], after[0]) and after[2] == 5  # the next step trains as usual
+    records = step_records(out)
+    assert records[5]["skipped_steps"] == 1 and records[5]["samples_skipped"] == {"nonfinite_loss": 4}
+    assert "step 5 skipped" in caplog.text
+    lines = [json.loads(line) for line in (out / "samples" / "rank0.jsonl").read_text().splitlines()]
+    assert [line.get("skipped") for line in lines] == [None] * 4 + ["nonfinite_loss"] + [None]
+
+
+@pytest.mark.parametrize("stage, dtype", [(0, "float32"), (1, "float32"), (3, "float32"), (2, "bfloat16")])
+def test_a_nan_micro_batch_changes_no_weight_under_every_zero_stage(shards60, tmp_path, launch_env, monkeypatch,
+                                                                    stage, dtype):
+    from vlm.load import checkpoint_state_dict
+    from vlm.model.vlm import MiniMindVLM
+
+    forward, calls = MiniMindVLM.forward, []
+
+    def third_batch_is_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("labels") is not None and self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MiniMindVLM, "forward", third_batch_is_nan)
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "1", "--train.keep_checkpoints=10",
+                 "--zero_stage", str(stage), "--dtype", dtype, "--accumulation_steps", "2") == 0
+    # accumulation 2: micro-batch 3 is in step 2, whose other micro-batch trained too: the whole step is skipped
+    weights = [checkpoint_state_dict(out / "checkpoints" / f"step_00000000{s}", stage) for s in (1, 2, 3)]
+    assert _same(weights[0], weights[1]) and not _same(weights[1], weights[2])

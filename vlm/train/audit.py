@@ -1,6 +1,7 @@
 """Audit mode (`data.log_samples`): the sample keys each rank consumed, one JSON line per micro-batch.
 
-    out_dir/samples/rank{r}.jsonl   {"epoch": e, "micro_step": j, "keys": [...]}
+    out_dir/samples/rank{r}.jsonl   {"epoch": e, "micro_step": j, "keys": [...]}   (+ "skipped": reason when
+                                    the micro-batch's optimizer step was skipped: consumed, not trained)
 
 On resume, lines past the restored position (micro-batches trained after the checkpoint, then lost to the
 interruption) are dropped, so the files always describe exactly what the model's weights have seen and
@@ -23,9 +24,13 @@ class SampleAudit:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
 
-    def record(self, epoch: int, micro_step: int, keys: list[str]) -> None:
-        """Write one line: the keys of micro-batch `micro_step` of `epoch`, in batch order."""
-        self._file.write(json.dumps({"epoch": epoch, "micro_step": micro_step, "keys": keys}) + "\n")
+    def record(self, epoch: int, micro_step: int, keys: list[str], skipped: str | None = None) -> None:
+        """Write one line: the keys of micro-batch `micro_step` of `epoch`, in batch order; `skipped` names
+        why they were consumed but not trained (their optimizer step was skipped), else they trained."""
+        line = {"epoch": epoch, "micro_step": micro_step, "keys": keys}
+        if skipped is not None:
+            line["skipped"] = skipped
+        self._file.write(json.dumps(line) + "\n")
 
     def flush(self) -> None:
         """Flush the written lines to the file (the trainer does so at every checkpoint)."""

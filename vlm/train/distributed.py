@@ -140,6 +140,33 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextlib.contextmanager
+def optimizer_step_skipped(engine) -> Iterator[None]:
+    """Inside the block the engine's optimizer step and schedule step do nothing.
+
+    DeepSpeed still runs its boundary bookkeeping (gradient reduction, clipping, zeroing the gradients,
+    copying the unchanged fp32 master weights back), so every rank stays in step, but no parameter, no
+    optimizer state (Adam moments, step count, weight decay) and no schedule position changes. Works the same
+    for ZeRO 0-3, any precision and CPU offload: each of them ends in the basic optimizer's `step`.
+    """
+    patched = [obj for obj in (engine.basic_optimizer, engine.lr_scheduler) if obj is not None]
+    saved = [obj.__dict__.get("step") for obj in patched]
+    for obj in patched:
+        obj.step = _no_step
+    try:
+        yield
+    finally:
+        for obj, step in zip(patched, saved):
+            if step is None:
+                del obj.step
+            else:
+                obj.step = step
+
+
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 # -- ZeRO-3 and checkpoints --------------------------------------------------------------------------------
 @contextlib.contextmanager
 def gathered_parameters(module: torch.nn.Module) -> Iterator[None]:

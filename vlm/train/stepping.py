@@ -2,9 +2,10 @@
 
 Every rank must make the same DeepSpeed calls in the same order, or a collective waits forever. So a
 micro-batch whose loss is NaN/Inf on ANY rank (agreed by an all-reduce) is replaced on every rank by a
-zero-weight backward through a one-row dummy batch: its gradient contribution is exactly zero, DeepSpeed's
-accumulation counters and hooks run as usual, and the bad activations never reach the weights. An empty
-micro-batch (all of its samples were bad) takes the same zero-weight path.
+zero-weight backward through a one-row dummy batch, DeepSpeed's accumulation counters and hooks running as
+usual, and the whole optimizer step it belongs to is skipped: no parameter, optimizer state or schedule
+position changes (the trainer reports the step's samples as skipped). An empty micro-batch (all of its
+samples were bad) takes the zero-weight path without skipping the step.
 
 Loader batches carry uint8 `pixel_values`; `model_inputs` moves them to the device first and normalises
 them there with the `PixelNormalizer` the trainer builds from the encoder's preprocessor config.
@@ -49,30 +50,42 @@ def _dummy_inputs(engine, device: torch.device) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _zero_weight_backward(engine, device: torch.device) -> None:
+def _zero_weight_backward(engine, device: torch.device, skip_step: bool) -> None:
     out = engine(**_dummy_inputs(engine, device))
     engine.backward(out.logits.float().sum() * 0.0 + out.aux_loss.float() * 0.0)
-    engine.step()
+    _step(engine, skip_step)
 
 
 def run_micro_batch(
-    engine, batch: dict, device: torch.device, normalize_pixels: PixelNormalizer
+    engine, batch: dict, device: torch.device, normalize_pixels: PixelNormalizer, skip_step: bool = False
 ) -> StepResult:
-    """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries)."""
+    """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries).
+
+    `skip_step`: an earlier micro-batch of this optimizer step had a NaN/Inf loss. Then, and when this one
+    has, the step at the boundary changes nothing (`distributed.optimizer_step_skipped`).
+    """
     lr = float(engine.get_lr()[0])
     if int(batch["num_samples"]) == 0:
         distributed.all_ranks(True, device)  # keep the all-reduce sequence identical on every rank
-        _zero_weight_backward(engine, device)
+        _zero_weight_backward(engine, device, skip_step)
         return StepResult(None, False, lr)
     out = engine(**model_inputs(batch, device, normalize_pixels))
     loss = out.loss.float() + out.aux_loss.float()
     if not distributed.all_ranks(bool(torch.isfinite(loss).item()), device):
         del out, loss  # drop the graph with the bad activations
-        _zero_weight_backward(engine, device)
+        _zero_weight_backward(engine, device, skip_step=True)
         return StepResult(None, True, lr)
     engine.backward(loss)
-    engine.step()
+    _step(engine, skip_step)
     return StepResult(float(out.loss.detach()), False, lr)
+
+
+def _step(engine, skip: bool) -> None:
+    if skip:
+        with distributed.optimizer_step_skipped(engine):
+            engine.step()
+    else:
+        engine.step()
 
 
 @torch.no_grad()

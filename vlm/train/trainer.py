@@ -15,6 +15,7 @@ import math
 import random
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,8 @@ class Trainer:
         self.bad_in_row = 0
         self.saved_step = -1
         self.evaluated_step, self.eval_loss = -1, None
+        self.step_is_skipped, self.step_batches = False, []  # the optimizer step being accumulated
+        self.skipped_steps, self.samples_skipped = 0, Counter()
         self.window: list[StepResult] = []
         lm_params = sum(p.numel() for n, p in built.model.named_parameters() if not n.startswith("vision_encoder."))
         mc = built.model.config
@@ -105,15 +108,17 @@ class Trainer:
         fetch_start = time.perf_counter()
         for batch in self.loader:
             wait = time.perf_counter() - fetch_start
-            result = run_micro_batch(self.engine, batch, self.device, self.normalize_pixels)
+            result = run_micro_batch(self.engine, batch, self.device, self.normalize_pixels,
+                                     skip_step=self.step_is_skipped)
             self._account(batch, result, wait)
+            self.step_is_skipped |= result.skipped_nonfinite
+            self.step_batches.append((batch["micro_step"], batch.get("keys", []), int(batch["num_samples"])))
             consumed = batch["micro_step"] + 1
-            if self.audit is not None:
-                self.audit.record(self.loader.epoch, batch["micro_step"], batch.get("keys", []))
             # Step boundaries count from where this run's plan segment starts (a resume may change geometry).
             if (consumed - self.loader.segment_start) % accumulation == 0:
                 self.step += 1
                 bar.update(1)
+                self._close_step()
                 outcome = self._after_step(consumed)
                 if outcome is not None:
                     return outcome
@@ -137,6 +142,22 @@ class Trainer:
                 )
         elif result.loss is not None:
             self.bad_in_row = 0
+
+    def _close_step(self) -> None:
+        """Account the step just finished: audit lines, and for a skipped step its samples as not trained."""
+        reason = "nonfinite_loss" if self.step_is_skipped else None
+        samples = sum(n for _, _, n in self.step_batches)
+        if reason is not None:
+            self.skipped_steps += 1
+            self.samples_skipped[reason] += samples
+            if self.is_main:
+                log.warning("step %d skipped: a micro-batch had a NaN/Inf loss; no weight, optimizer state or "
+                            "schedule position changed, and its %d sample(s) on rank 0 were not trained",
+                            self.step, samples)
+        if self.audit is not None:
+            for micro_step, keys, _ in self.step_batches:
+                self.audit.record(self.loader.epoch, micro_step, keys, skipped=reason)
+        self.step_is_skipped, self.step_batches = False, []
 
     def _after_step(self, consumed: int) -> str | None:
         """'signal' or 'done' end the epoch loop; None goes on."""
@@ -181,6 +202,7 @@ class Trainer:
             **summary, "memory_gb": _memory_gb(self.device),
             "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
             "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
+            "skipped_steps": self.skipped_steps, "samples_skipped": dict(self.samples_skipped),
         }
         self.metrics.write(record)
         if self.is_main:
