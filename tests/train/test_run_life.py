@@ -290,3 +290,13 @@ def test_a_nan_micro_batch_changes_no_weight_under_every_zero_stage(shards60, tm
     # accumulation 2: micro-batch 3 is in step 2, whose other micro-batch trained too: the whole step is skipped
     weights = [checkpoint_state_dict(out / "checkpoints" / f"step_00000000{s}", stage) for s in (1, 2, 3)]
     assert _same(weights[0], weights[1]) and not _same(weights[1], weights[2])
+
+
+def test_a_single_process_needs_no_port_even_with_a_stale_one_exported(shards60, tmp_path, launch_env):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        os.environ["MASTER_PORT"] = str(holder.getsockname()[1])  # left over from another job
+        assert train(shards60, tmp_path / "o", "--max_steps", "1") == 0

@@ -175,3 +175,19 @@ def test_repeated_nan_losses_stop_the_run_with_a_clear_message(synth_shards, tmp
     records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["skipped_nonfinite"] for r in records)
     assert all(r["loss"] is None or r["loss"] == r["loss"] for r in records)  # no NaN written
+
+
+def test_a_busy_rendezvous_port_is_one_line_naming_it(synth_shards, tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launch/train.py",
+               *base_args(synth_shards["pretrain"], tmp_path / "busy")]
+        result = run(cmd, timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"the rendezvous port 127.0.0.1:{port} is in use" in output and "--master_port" in output
+    assert "DistNetworkError" not in output

@@ -15,11 +15,12 @@ from vlm.model.vision_encoder import VisionEncoderError
 from vlm.model.weights import WeightsMismatchError
 from vlm.train.checkpoint import CheckpointError
 from vlm.train.engine_state import EXIT_CHECKPOINT_WRITE, CheckpointWriteError
-from vlm.train.launcher import normalize_launcher_env
+from vlm.train.launcher import LaunchError, normalize_launcher_env
 from vlm.train.trainer import TrainingError, run
 
 USER_ERRORS = (
-    CheckpointError, ChatTemplateError, DataQualityError, FileNotFoundError, ImageConfigError, PositionError,
+    CheckpointError, ChatTemplateError, DataQualityError, FileNotFoundError, ImageConfigError, LaunchError,
+    PositionError,
     SourceError, TrainingError, VisionEncoderError, WeightsMismatchError,
 )
 

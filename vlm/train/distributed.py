@@ -24,7 +24,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from vlm.train.launcher import DistEnv, normalize_launcher_env
+from vlm.train.launcher import DistEnv, LaunchError, normalize_launcher_env
 
 
 def _skip_cpu_shm_comm_build() -> None:
@@ -53,12 +53,20 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
         _skip_cpu_shm_comm_build()
     else:
         accelerator.set_device(env.local_rank)
-    deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(),
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-        verbose=False,
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(),
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            verbose=False,
+        )
+    except RuntimeError as err:  # torch's DistNetworkError among them
+        if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise LaunchError(f"the rendezvous port {where} is in use (another job, or a process left over from "
+                              "one): pick a free one with --master_port N (deepspeed), --master-port N (torchrun) "
+                              "or MASTER_PORT=N; launch/slurm/train.sbatch picks one per job") from None
+        raise
     return env
 
 

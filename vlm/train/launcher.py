@@ -13,6 +13,11 @@ import socket
 from dataclasses import dataclass
 
 
+class LaunchError(RuntimeError):
+    """The processes of a launch cannot find each other (a port in use, a task started without srun, ...);
+    the message says what to change."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in the launch: global rank, world size, local rank, and which launcher it was."""
@@ -46,15 +51,24 @@ def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: i
         launcher = "openmpi"
     elif "RANK" not in env:
         env["RANK"], env["WORLD_SIZE"] = "0", "1"
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
         launcher = "single process"
     if "LOCAL_RANK" not in env:
         env["LOCAL_RANK"] = str(local_rank_flag if local_rank_flag is not None else 0)
+    if env["WORLD_SIZE"] == "1":
+        # Nobody has to find a world of one: a free port of its own, never a stale exported one.
+        env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    elif launcher == "slurm" and env.get("SLURM_JOB_ID", "").isdigit():
+        env.setdefault("MASTER_PORT", str(slurm_job_port(int(env["SLURM_JOB_ID"]))))  # as train.sbatch
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     env["VLM_LAUNCHER"] = f"{os.getpid()}:{launcher}"
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
+
+
+def slurm_job_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: 20000 + job id % 10000 (launch/slurm/train.sbatch uses the same),
+    so concurrent jobs on one node do not collide on a fixed default."""
+    return 20000 + job_id % 10000
 
 
 def launcher_problems(env: dict[str, str] | None = None) -> list[str]:

@@ -106,13 +106,15 @@ def check_config(cfg: Config, report: Report) -> None:
 def check_launcher(env: Mapping[str, str], report: Report) -> int:
     """Launcher variables as the trainer would read them (on a copy: nothing is changed). Returns WORLD_SIZE."""
     env = dict(env)
-    master_given = bool(env.get("MASTER_ADDR"))
+    # What the user set, checked as given: a world of one replaces them, but the doctor is also run before a
+    # launch to check the values the job will use (`MASTER_ADDR=A python -m vlm.doctor ...` on each node).
+    given = {key: env[key] for key in ("MASTER_ADDR", "MASTER_PORT") if env.get(key)}
     try:
         dist = normalize_launcher_env(env)
     except (KeyError, ValueError) as err:
         report.add(PROBLEM, "launcher", f"launcher variables are incomplete or not integers: {err}")
         return 1
-    problems = launcher_problems(env)
+    problems = launcher_problems({**env, **given})
     local_world = env.get("LOCAL_WORLD_SIZE", "")
     if local_world.isdigit() and not dist.local_rank < int(local_world):
         problems.append(f"LOCAL_RANK={dist.local_rank} is not below LOCAL_WORLD_SIZE={local_world}")
@@ -121,11 +123,11 @@ def check_launcher(env: Mapping[str, str], report: Report) -> int:
         if env.get(key, "").isdigit() and dist.world_size < int(env[key]):
             problems.append(f"WORLD_SIZE={dist.world_size} but {key}={env[key]} processes were started: RANK/"
                             "WORLD_SIZE left over in the environment? unset RANK WORLD_SIZE LOCAL_RANK first")
-    if (dist.world_size > 1 or master_given) and env.get("MASTER_ADDR"):
-        try:
-            socket.getaddrinfo(env["MASTER_ADDR"], None)
-        except OSError as err:
-            problems.append(f"MASTER_ADDR={env['MASTER_ADDR']} does not resolve on this host ({err})")
+    address = given.get("MASTER_ADDR", env["MASTER_ADDR"])
+    try:
+        socket.getaddrinfo(address, None)
+    except OSError as err:
+        problems.append(f"MASTER_ADDR={address} does not resolve on this host ({err})")
     problems += _gpu_problems(dist.local_rank, env)
     for problem in problems:
         report.add(PROBLEM, "launcher", problem)
