@@ -154,7 +154,7 @@ def test_a_fresh_run_refuses_or_moves_aside_an_older_runs_checkpoints(shards60, 
     assert sorted(step_records(out)) == [1, 2, 3, 4]
 
 
-def test_a_second_run_in_a_live_runs_out_dir_is_refused(shards60, tmp_path, launch_env, capsys):
+def test_a_second_run_in_a_live_runs_out_dir_is_refused(shards60, tmp_path, launch_env, capsys, monkeypatch):
     import signal
     import subprocess
     import time
@@ -173,7 +173,8 @@ def test_a_second_run_in_a_live_runs_out_dir_is_refused(shards60, tmp_path, laun
         while lock_problem(out) is None:
             assert first.poll() is None and time.time() < deadline, "the first run never took its lock"
             time.sleep(0.2)
-        assert train(shards60, out, "--max_steps", "2") == 2  # the preflight finds the lock
+        monkeypatch.setattr("vlm.train.trainer.LOCK_WAIT_S", 1.0)  # not the 30 s a restart waits for a dying run
+        assert train(shards60, out, "--max_steps", "2") == 1
         err = capsys.readouterr().err
         assert f"is in use by another run (pid {first.pid}" in err
         assert doctor(["--config", "launch/configs/debug.yaml", "--train_shards", str(shards60), "--out_dir",
@@ -300,3 +301,19 @@ def test_a_single_process_needs_no_port_even_with_a_stale_one_exported(shards60,
         holder.listen()
         os.environ["MASTER_PORT"] = str(holder.getsockname()[1])  # left over from another job
         assert train(shards60, tmp_path / "o", "--max_steps", "1") == 0
+
+
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
+def test_a_change_between_zero_1_and_2_resumes(shards60, tmp_path, launch_env, first, then):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "3", "--zero_stage", str(first), "--log_samples") == 0
+    assert train(shards60, out, "--max_steps", "null", "--zero_stage", str(then), "--log_samples") == 0
+    keys = audited_keys(out)
+    assert len(keys) == 60 and set(keys.values()) == {1}
+
+
+def test_a_stage_change_deepspeed_cannot_convert_is_named(shards60, tmp_path, launch_env, capsys):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--zero_stage", "3") == 0
+    assert train(shards60, out, "--max_steps", "3", "--zero_stage", "2") == 1
+    assert "written under ZeRO-3, this run uses ZeRO-2" in capsys.readouterr().err

@@ -191,3 +191,30 @@ def test_a_busy_rendezvous_port_is_one_line_naming_it(synth_shards, tmp_path):
     output = result.stdout + result.stderr
     assert f"the rendezvous port 127.0.0.1:{port} is in use" in output and "--master_port" in output
     assert "DistNetworkError" not in output
+
+
+def _audited(out: Path) -> list[str]:
+    return [k for path in sorted((out / "samples").glob("rank*.jsonl"))
+            for line in path.read_text().splitlines() for k in json.loads(line)["keys"]]
+
+
+@pytest.mark.parametrize("stage, first, then", [(0, 2, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2)])
+def test_every_zero_stage_resumes_on_another_number_of_ranks(synth_shards, tmp_path, stage, first, then):
+    """192 samples, batch 4: a run on `first` ranks stops after 3 steps, the same command on `then` ranks
+    finishes the epoch; every sample of it is trained once (a tail under one global batch aside)."""
+    out = tmp_path / "run"
+    args = base_args(synth_shards["pretrain"], out, "--zero_stage", str(stage), "--log_samples",
+                     "--train.epochs=1")
+
+    def launch(ranks: int, *extra: str):
+        cmd = (deepspeed_cmd("launch/train.py", [*args, *extra], nproc=ranks) if ranks > 1
+               else [str(BIN / "python"), "launch/train.py", *args, *extra])
+        result = run(cmd, timeout=400)
+        assert result.returncode == 0, tail(result)
+        return result
+
+    launch(first, "--max_steps", "3")
+    launch(then, "--max_steps", "null")
+    keys = _audited(out)
+    assert len(keys) == len(set(keys)), "a sample was trained twice"
+    assert len(keys) >= 192 - 8

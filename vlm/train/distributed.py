@@ -23,6 +23,11 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from vlm.train.launcher import DistEnv, LaunchError, normalize_launcher_env
 
@@ -102,6 +107,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_scheduler
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: check train.trainable / train.trainable_patterns")
+    # What DeepSpeed's universal-checkpoint converter needs in a ZeRO-1/2 checkpoint to resume it on another
+    # number of ranks: for plain data parallelism (no tensor/pipeline parallel patterns) just the version.
+    if getattr(model, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+        setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                            lr_scheduler=lr_scheduler)
     return engine

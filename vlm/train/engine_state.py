@@ -102,6 +102,23 @@ def _write_error(folder: Path, error: BaseException | None, out_dir: str | Path)
                                 f"{newest}. Free disk space or make {folder.parent} writable, then resume")
 
 
+def needs_universal(meta: dict[str, Any], zero_stage: int, world_size: int) -> bool:
+    """Whether resuming `meta`'s checkpoint under (`zero_stage`, `world_size`) goes through DeepSpeed's
+    universal checkpoint: another world size under ZeRO 1-3, or a change between ZeRO 1 and 2. ZeRO 0 keeps
+    the whole optimizer in one file, so any world size loads it directly.
+
+    Raises CheckpointError for a change of stage DeepSpeed 0.19.8 cannot convert (to or from 0 or 3).
+    """
+    saved_stage, saved_world = meta.get("zero_stage", zero_stage), meta.get("world_size", world_size)
+    if saved_stage == zero_stage:
+        return zero_stage > 0 and saved_world != world_size
+    if {saved_stage, zero_stage} <= {1, 2}:
+        return True
+    raise CheckpointError(f"the checkpoint was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}: "
+                          "DeepSpeed converts only between ZeRO-1 and ZeRO-2 (and any world size within a stage); "
+                          f"resume with --zero_stage {saved_stage}")
+
+
 def load_checkpoint(engine, checkpoint: Path, load_universal: bool = False) -> dict[str, Any]:
     """Collective: restore model, optimizer, scheduler and (same world size) this rank's RNG; return meta."""
     meta = read_meta(checkpoint)

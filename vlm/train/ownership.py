@@ -1,7 +1,8 @@
 """An out_dir belongs to one run: a lock while the run lives, and a fresh run never mixes with an older one.
 
-`OutDirLock` is an exclusive `flock` on out_dir/.lock, held by rank 0 for the run's life (the kernel drops it
-when the process dies, even by kill -9); the file says who holds it. `claim_out_dir` decides what a fresh run
+`OutDirLock` is an exclusive POSIX record lock (`lockf`) on out_dir/.lock, held by rank 0 for the run's life:
+the kernel drops it when that process dies, even by kill -9, and unlike `flock` it is not shared with forked
+DataLoader workers, which could outlive their rank for a moment; the file says who holds it. `claim_out_dir` decides what a fresh run
 (nothing to resume) does with complete checkpoints already there: refuse, naming them, or move the earlier
 run's outputs aside to out_dir/previous-<time>/ (`train.previous_run: move`). A run is identified by the
 `run_id` its checkpoints carry, so pruning only ever touches its own (`vlm.train.checkpoint`).
@@ -36,27 +37,37 @@ class OutDirLock:
         self.path = Path(out_dir) / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> OutDirLock:
-        """Take the lock (non-blocking) and write pid, host and start time into the lock file."""
+    def acquire(self, wait_s: float = 0.0, sign: bool = True) -> OutDirLock:
+        """Take the lock, retrying for `wait_s` seconds (a killed run's processes may still be exiting); with
+        `sign`, write pid, host and start time into the lock file. Raises OutDirBusyError."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutDirBusyError(f"train.out_dir {self.path.parent} is in use by another run "
-                                      f"({holder(self.path)}); wait for it, stop it, or use another out_dir") from err
-            return self  # a file system without flock (some network mounts): run unlocked rather than not at all
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    raise OutDirBusyError(f"train.out_dir {self.path.parent} is in use by another run "
+                                          f"({holder(self.path)}); wait for it, stop it, or use another out_dir"
+                                          ) from err
+                return self  # a file system without locks (some network mounts): run unlocked rather than not at all
+        if sign:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": time.time()}).encode())
         self._fd = fd
         return self
 
     def release(self) -> None:
         """Let go of the lock (also done by the kernel when the process exits)."""
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
@@ -71,11 +82,14 @@ def holder(lock_file: Path) -> str:
 
 
 def lock_problem(out_dir: str | Path) -> str | None:
-    """For the preflight: a message when another live run holds the out_dir's lock, else None (nothing held)."""
+    """For the doctor: a message when another live run holds the out_dir's lock, else None (nothing held).
+
+    Probes by taking and dropping the lock without signing it; not for a process that holds the lock itself
+    (closing any descriptor of the file drops a POSIX lock)."""
     if not (Path(out_dir) / LOCK_NAME).is_file():
         return None
     try:
-        OutDirLock(out_dir).acquire().release()
+        OutDirLock(out_dir).acquire(sign=False).release()
     except OutDirBusyError as err:
         return str(err)
     return None

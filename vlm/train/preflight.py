@@ -294,8 +294,9 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_out_dir(cfg: Config, report: Report, counts: dict[str, int] | None) -> None:
-    """out_dir (or the folder it will be made in) is writable and has room for the checkpoints kept."""
+def check_out_dir(cfg: Config, report: Report, counts: dict[str, int] | None, check_lock: bool = True) -> None:
+    """out_dir (or the folder it will be made in) is writable and has room for the checkpoints kept; with
+    `check_lock`, no live run holds it (the trainer takes the lock itself instead of probing it)."""
     out = Path(cfg.train.out_dir)
     base = _existing_ancestor(out)
     if not base.is_dir():
@@ -308,7 +309,7 @@ def check_out_dir(cfg: Config, report: Report, counts: dict[str, int] | None) ->
         where = "" if base == out.absolute() else f" (it does not exist yet; {base} is where it would be made)"
         report.add(PROBLEM, "out_dir", f"train.out_dir: cannot write in {base}{where}: {err.strerror}")
         return
-    busy = lock_problem(out) if out.is_dir() else None
+    busy = lock_problem(out) if check_lock and out.is_dir() else None
     if busy is not None:
         report.add(PROBLEM, "out_dir", busy)
     if cfg.train.resume == "never":
@@ -333,7 +334,8 @@ def check_out_dir(cfg: Config, report: Report, counts: dict[str, int] | None) ->
         report.add(OK, "out_dir", summary)
 
 
-def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = None, load: bool = True) -> Report:
+def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = None, load: bool = True,
+               check_lock: bool = True) -> Report:
     """Every check, in order; none starts a process group or writes anything outside temporary folders."""
     report = Report()
     check_config(cfg, report)
@@ -353,7 +355,7 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
             counts = estimate_parameters(cfg)
         except (OSError, ValueError, VisionEncoderError) as err:
             report.add(WARNING, "files", f"could not count the model's parameters: {err}")
-    check_out_dir(cfg, report, counts)
+    check_out_dir(cfg, report, counts, check_lock)
     return report
 
 
@@ -362,7 +364,8 @@ def check_at_startup(cfg: Config, world_size: int, rank: int,
     """The start-up pass of every rank: all checks but the loading. `any_rank(flag)` is the collective that
     tells whether any rank found a problem (the trainer passes `vlm.train.distributed.any_rank`), so all ranks
     stop together. Raises ConfigError naming this rank's problems, or saying another rank had some."""
-    report = run_checks(cfg, os.environ, world_size=world_size, load=False)
+    # Ranks probing the out_dir's lock at once would find each other: rank 0 takes it right after this instead.
+    report = run_checks(cfg, os.environ, world_size=world_size, load=False, check_lock=False)
     failed_somewhere = any_rank(bool(report.problems))
     if rank == 0 and report.of(WARNING):
         log.warning(report.render("preflight warnings:", levels=(WARNING,)))

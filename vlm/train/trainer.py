@@ -31,7 +31,7 @@ from vlm.train import distributed
 from vlm.train.audit import SampleAudit, truncate_audit
 from vlm.train.checkpoint import CheckpointError, read_meta, resolve_resume, resume_problems
 from vlm.train.ds_config import build_ds_config
-from vlm.train.engine_state import load_checkpoint, save_checkpoint
+from vlm.train.engine_state import load_checkpoint, needs_universal, save_checkpoint
 from vlm.train.export_live import export_live
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import DistEnv, normalize_launcher_env
@@ -296,12 +296,15 @@ def run(cfg: Config) -> int:
         raise
 
 
+LOCK_WAIT_S = 30.0  # how long a new run waits for a killed run's processes to let go of the out_dir
+
+
 def _lock_out_dir(out_dir: Path, rank: int, device: torch.device) -> OutDirLock | None:
     """Collective: rank 0 takes out_dir's lock for the run's life; every rank stops if it could not."""
     lock, error = None, None
     if rank == 0:
         try:
-            lock = OutDirLock(out_dir).acquire()
+            lock = OutDirLock(out_dir).acquire(wait_s=LOCK_WAIT_S)
         except CheckpointError as err:
             error = err
     if distributed.any_rank(error is not None, device):
@@ -342,7 +345,7 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
         )
     ds_config = build_ds_config(cfg.train, loader.geometry, device.type == "cpu",
                                 str(out_dir / "logs") if env.rank == 0 else None)
-    universal = meta is not None and meta["world_size"] != env.world_size
+    universal = meta is not None and needs_universal(meta, cfg.train.zero_stage, env.world_size)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
