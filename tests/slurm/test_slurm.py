@@ -191,3 +191,19 @@ def test_shard_job_array_makes_one_folder_per_input(slurm, synth_shards, tmp_pat
         manifest = json.loads((tmp_path / "shards" / name / "manifest.json").read_text())
         counts[name] = sum(s["samples"] for s in manifest["shards"])
     assert counts == {"part_a": 100, "part_b": len(lines) - 100}
+
+
+def test_a_trainer_started_by_the_batch_script_without_srun_says_so_at_once(slurm, synth_shards, tmp_path):
+    """`sbatch --ntasks=2` with `python launch/train.py` in the script: rank 0 of 2, no rank 1 ever."""
+    out = tmp_path / "out"
+    flags = f"--config launch/configs/debug.yaml --train_shards {synth_shards['pretrain']} --out_dir {out}"
+    script = (f"{sys.executable} -m vlm.doctor {flags} --quick; echo doctor=$?; "
+              f"{sys.executable} launch/train.py {flags}; echo train=$?")
+    started = time.time()
+    result = slurm_cmd(slurm, "sbatch", "--time=10", f"--output={tmp_path}/%x-%j.out", "--wait", "--ntasks=2",
+                       "--job-name=nosrun", f"--wrap={script}", timeout=240)
+    text = logs(tmp_path)
+    assert result.returncode == 0, result.stderr + text
+    assert "doctor=1" in text and "train=1" in text and time.time() - started < 120
+    assert text.count("not by srun") == 2 and "launch/slurm/train.sbatch" in text
+    assert "Traceback" not in text

@@ -29,7 +29,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from vlm.train.launcher import DistEnv, LaunchError, normalize_launcher_env
+from vlm.train.launcher import DistEnv, LaunchError, normalize_launcher_env, unlaunchable
 
 
 def _skip_cpu_shm_comm_build() -> None:
@@ -52,6 +52,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     when the process exits (`destroy_distributed` is registered with atexit).
     """
     env = normalize_launcher_env()
+    problem = unlaunchable(os.environ)
+    if problem is not None:
+        raise LaunchError(problem)
     atexit.register(destroy_distributed)  # registering twice is harmless: the second call finds no group
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":

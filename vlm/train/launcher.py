@@ -71,10 +71,24 @@ def slurm_job_port(job_id: int) -> int:
     return 20000 + job_id % 10000
 
 
+def unlaunchable(env: dict[str, str]) -> str | None:
+    """A launch whose other ranks can never arrive (so forming the group would wait until its timeout):
+    several SLURM tasks allocated, but this process was started by the batch script itself, not by srun
+    (srun sets SLURM_STEP_ID in each task it starts). None when nothing is wrong."""
+    slurm_tasks = env.get("SLURM_NTASKS", "")
+    started_by_slurm = env.get("VLM_LAUNCHER", "").endswith(":slurm") or (
+        "RANK" not in env and "SLURM_PROCID" in env)
+    if started_by_slurm and slurm_tasks.isdigit() and int(slurm_tasks) > 1 and "SLURM_STEP_ID" not in env:
+        return (f"this process was started by the SLURM batch script itself, not by srun, so it would wait for the "
+                f"other {int(slurm_tasks) - 1} of SLURM_NTASKS={slurm_tasks} ranks forever: start every rank with "
+                "`srun python launch/train.py ...`, or submit launch/slurm/train.sbatch")
+    return None
+
+
 def launcher_problems(env: dict[str, str] | None = None) -> list[str]:
     """Inconsistent launcher variables, found before any process group is formed."""
     env = os.environ if env is None else env
-    problems = []
+    problems = [problem] if (problem := unlaunchable(env)) else []
     try:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     except (KeyError, ValueError) as err:
