@@ -317,3 +317,13 @@ def test_a_stage_change_deepspeed_cannot_convert_is_named(shards60, tmp_path, la
     assert train(shards60, out, "--max_steps", "2", "--zero_stage", "3") == 0
     assert train(shards60, out, "--max_steps", "3", "--zero_stage", "2") == 1
     assert "written under ZeRO-3, this run uses ZeRO-2" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_data(shards60, tmp_path, launch_env, capsys):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2") == 0
+    assert train(shards60, out, "--max_steps", "3", "--seed", "7") == 1
+    assert "seed" in capsys.readouterr().err
+    other = write_shards(tmp_path / "other", [30, 30], images_of=lambda i: 1)
+    assert train(other, out, "--max_steps", "3") == 1
+    assert "data.train_shards" in capsys.readouterr().err

@@ -218,3 +218,26 @@ def test_every_zero_stage_resumes_on_another_number_of_ranks(synth_shards, tmp_p
     keys = _audited(out)
     assert len(keys) == len(set(keys)), "a sample was trained twice"
     assert len(keys) >= 192 - 8
+
+
+def test_sigterm_to_the_deepspeed_launcher_checkpoints_and_leaves_nothing_running(synth_shards, tmp_path):
+    """The launcher dies of SIGTERM without telling its ranks; they notice, checkpoint and exit 75."""
+    out = tmp_path / "run"
+    args = base_args(synth_shards["pretrain"], out, "--max_steps", "1000", "--train.epochs=50")
+    proc = subprocess.Popen(deepspeed_cmd("launch/train.py", args), cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= 3, 240, proc)
+        everything = psutil.Process(proc.pid).children(recursive=True)
+        assert len([p for p in everything if "--local_rank=1" in " ".join(p.cmdline())]) == 1
+        proc.send_signal(signal.SIGTERM)  # to the `deepspeed` command only
+        output, _ = proc.communicate(timeout=240)  # returns once the ranks closed the shared output
+        _, alive = psutil.wait_procs(everything, timeout=120)
+        assert not alive, f"still running: {[p.cmdline() for p in alive]}"
+        assert "stop signal received: checkpointed at step" in output, output[-3000:]
+        meta = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / "meta.json")
+                          .read_text())
+        assert meta["step"] >= 3
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
