@@ -99,6 +99,7 @@ def test_inconsistent_launcher_variables_are_problems(tmp_path):
         ("MASTER_PORT='http'", {**SINGLE, "MASTER_PORT": "http"}),
         ("not integers", {**SINGLE, "WORLD_SIZE": "two"}),
         ("left over in the environment", {**SINGLE, "SLURM_PROCID": "2", "SLURM_NTASKS": "4"}),
+        ("not by srun", {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}),  # the batch script
         ("does not resolve", {**SINGLE, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid"}),
         ("does not resolve", {**SINGLE, "MASTER_ADDR": "no-such-host.invalid"}),  # checked before a launch
     ]
@@ -108,8 +109,8 @@ def test_inconsistent_launcher_variables_are_problems(tmp_path):
 
 
 def test_slurm_variables_are_understood(tmp_path):
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "localhost",
-           "MASTER_PORT": "20017"}
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
+           "MASTER_ADDR": "localhost", "MASTER_PORT": "20017"}
     report = preflight.run_checks(config(tmp_path), env, load=False)
     assert findings(report, "launcher", preflight.OK) == ["slurm: rank 1 of 2, local rank 0, master localhost:20017"]
 

@@ -198,7 +198,8 @@ def _audited(out: Path) -> list[str]:
             for line in path.read_text().splitlines() for k in json.loads(line)["keys"]]
 
 
-@pytest.mark.parametrize("stage, first, then", [(0, 2, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("stage, first, then", [(0, 2, 1), (1, 2, 1), (2, 2, 1), (0, 1, 2), (1, 1, 2), (2, 1, 2),
+                                                (3, 1, 2)])  # ZeRO-3 2 -> 1: test_sigterm_..._on_one_rank
 def test_every_zero_stage_resumes_on_another_number_of_ranks(synth_shards, tmp_path, stage, first, then):
     """192 samples, batch 4: a run on `first` ranks stops after 3 steps, the same command on `then` ranks
     finishes the epoch; every sample of it is trained once (a tail under one global batch aside)."""
