@@ -216,6 +216,23 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_its_own_exi
         subprocess.run(["umount", "--lazy", str(checkpoints)], capture_output=True)
 
 
+def nan_loss_at(monkeypatch, micro_batch: int) -> None:
+    """Make the loss of the `micro_batch`-th training micro-batch (1-based) NaN, as a diverging batch would."""
+    from vlm.model.vlm import MiniMindVLM
+
+    forward, calls = MiniMindVLM.forward, []
+
+    def forward_with_a_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("labels") is not None and self.training:
+            calls.append(1)
+            if len(calls) == micro_batch:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MiniMindVLM, "forward", forward_with_a_nan)
+
+
 def _states(checkpoint: Path) -> tuple[dict, dict, int]:
     """(model weights, optimizer state, schedule position) of a ZeRO-2 checkpoint folder (our own files)."""
     import torch
@@ -241,19 +258,7 @@ def _same(a, b) -> bool:
 
 def test_a_nan_micro_batch_changes_nothing_and_its_samples_count_as_skipped(shards60, tmp_path, launch_env,
                                                                             monkeypatch, caplog):
-    from vlm.model.vlm import MiniMindVLM
-
-    forward, calls = MiniMindVLM.forward, []
-
-    def fifth_batch_is_nan(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if kwargs.get("labels") is not None and self.training:
-            calls.append(1)
-            if len(calls) == 5:
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(MiniMindVLM, "forward", fifth_batch_is_nan)
+    nan_loss_at(monkeypatch, 5)
     out = tmp_path / "o"
     assert train(shards60, out, "--max_steps", "6", "--save_interval", "1", "--train.keep_checkpoints=10",
                  "--train.weight_decay=0.1", "--log_samples") == 0
@@ -272,19 +277,8 @@ def test_a_nan_micro_batch_changes_nothing_and_its_samples_count_as_skipped(shar
 def test_a_nan_micro_batch_changes_no_weight_under_every_zero_stage(shards60, tmp_path, launch_env, monkeypatch,
                                                                     stage, dtype):
     from vlm.load import checkpoint_state_dict
-    from vlm.model.vlm import MiniMindVLM
 
-    forward, calls = MiniMindVLM.forward, []
-
-    def third_batch_is_nan(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if kwargs.get("labels") is not None and self.training:
-            calls.append(1)
-            if len(calls) == 3:
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(MiniMindVLM, "forward", third_batch_is_nan)
+    nan_loss_at(monkeypatch, 3)
     out = tmp_path / "o"
     assert train(shards60, out, "--max_steps", "4", "--save_interval", "1", "--train.keep_checkpoints=10",
                  "--zero_stage", str(stage), "--dtype", dtype, "--accumulation_steps", "2") == 0
