@@ -207,3 +207,21 @@ def test_a_trainer_started_by_the_batch_script_without_srun_says_so_at_once(slur
     assert "doctor=1" in text and "train=1" in text and time.time() - started < 120
     assert text.count("not by srun") == 2 and "launch/slurm/train.sbatch" in text
     assert "Traceback" not in text
+
+
+def test_a_one_task_srun_step_needs_no_free_default_port(slurm, synth_shards, tmp_path):
+    """`srun -n1 python launch/train.py` with MASTER_PORT pointing at a port another process holds."""
+    import socket
+
+    out = tmp_path / "out"
+    flags = (f"--config launch/configs/debug.yaml --train_shards {synth_shards['pretrain']} --out_dir {out} "
+             "--max_steps 1")
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        script = f"MASTER_PORT={port} srun -n1 {sys.executable} launch/train.py {flags}; echo train=$?"
+        result = slurm_cmd(slurm, "sbatch", "--time=10", f"--output={tmp_path}/%x-%j.out", "--wait",
+                           "--ntasks=1", "--job-name=onetask", f"--wrap={script}", timeout=240)
+    text = logs(tmp_path)
+    assert result.returncode == 0 and "train=0" in text, result.stderr + text

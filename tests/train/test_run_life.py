@@ -321,3 +321,22 @@ def test_resume_refuses_other_data(shards60, tmp_path, launch_env, capsys):
     other = write_shards(tmp_path / "other", [30, 30], images_of=lambda i: 1)
     assert train(other, out, "--max_steps", "3") == 1
     assert "data.train_shards" in capsys.readouterr().err
+
+
+def test_a_read_only_checkpoints_folder_stops_with_one_line_and_exit_74(shards60, tmp_path, launch_env, capsys):
+    import subprocess
+
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "1") == 0
+    checkpoints = out / "checkpoints"
+    # Root ignores permission bits; the immutable attribute holds even for root.
+    if subprocess.run(["chattr", "+i", str(checkpoints)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert train(shards60, out, "--max_steps", "2") == 74
+    finally:
+        subprocess.run(["chattr", "-i", str(checkpoints)], capture_output=True)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and "cannot write checkpoint" in line and "step_000000002" in line
+    assert "the newest complete checkpoint is" in line and "step_000000001" in line
