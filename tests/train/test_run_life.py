@@ -340,3 +340,26 @@ def test_a_read_only_checkpoints_folder_stops_with_one_line_and_exit_74(shards60
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert "Traceback" not in err and "cannot write checkpoint" in line and "step_000000002" in line
     assert "the newest complete checkpoint is" in line and "step_000000001" in line
+
+
+def test_resuming_at_an_epoch_end_does_not_rewrite_that_checkpoint(shards60, tmp_path, launch_env):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--train.epochs=1", "--max_steps", "null") == 0  # 15 steps, the epoch's end
+    meta = out / "checkpoints" / "step_000000015" / "meta.json"
+    written = json.loads(meta.read_text())["saved_at"]
+    assert train(shards60, out, "--train.epochs=1", "--max_steps", "null") == 0
+    assert json.loads(meta.read_text())["saved_at"] == written
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_timeline_aside(shards60, tmp_path, launch_env):
+    out = tmp_path / "o"
+    root = out / "checkpoints"
+    assert train(shards60, out, "--max_steps", "6", "--save_interval", "2") == 0
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2", "--resume",
+                 str(root / "step_000000002")) == 0
+    assert sorted(p.name for p in root.glob("step_*") if "." not in p.name) == [
+        "step_000000002", "step_000000004"]
+    assert sorted(p.name.split(".")[0] for p in root.glob("step_*.abandoned-*")) == [
+        "step_000000004", "step_000000006"]
+    assert (root / "latest").read_text() == "step_000000004"
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2") == 0  # auto: the new step 4, done

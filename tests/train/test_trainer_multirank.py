@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launching import BIN, REPO, cpu_env, deepspeed_cmd, run, tail
+from tests.launching import BIN, REPO, cpu_env, deepspeed_cmd, free_port, run, tail
 
 pytestmark = pytest.mark.slow
 
@@ -242,3 +242,10 @@ def test_sigterm_to_the_deepspeed_launcher_checkpoints_and_leaves_nothing_runnin
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_torchrun_with_one_process_keeps_its_rendezvous_port(synth_shards, tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_port", str(free_port()), "launch/train.py",
+           *base_args(synth_shards["pretrain"], tmp_path / "one", "--max_steps", "1")]
+    result = run(cmd, timeout=300)
+    assert result.returncode == 0, tail(result)

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,20 @@ def resume_problems(checkpoint: Path, meta: dict[str, Any], cfg: Config) -> list
         changed.append("resume with the checkpoint's settings, or start fresh: another train.out_dir, or "
                        "--resume never --train.previous_run=move")
     return changed
+
+
+def abandon_newer(checkpoint: Path) -> list[str]:
+    """Rename the step folders newer than `checkpoint` in its checkpoints/ (a timeline a resume from an older
+    checkpoint abandons, or damaged saves) to `step_N.abandoned-<time>`: kept for inspection, but never resumed,
+    pruned or written into again. Returns the new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for path in sorted(checkpoint.parent.iterdir()):
+        if _TAG.match(path.name) and path.name > checkpoint.name:
+            target = path.with_name(f"{path.name}.abandoned-{stamp}")
+            os.replace(path, target)
+            moved.append(target.name)
+    return moved
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int, run_id: str | None, written: Path) -> None:

@@ -29,6 +29,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from vlm.train.checkpoint import CheckpointError
 from vlm.train.launcher import DistEnv, LaunchError, normalize_launcher_env, unlaunchable
 
 
@@ -151,6 +152,21 @@ def _reduce_flag(flag: bool, device: torch.device, op) -> bool:
     if world_size() > 1:
         dist.all_reduce(value, op=op)
     return bool(value.item() > 0)
+
+
+def on_rank0(action: Any, device: torch.device, what: str) -> Any:
+    """Collective: run `action()` on rank 0 only, then agree: every rank raises if it failed (rank 0 its own
+    error, the others a CheckpointError naming `what`), so no rank waits alone at the next collective.
+    Returns the action's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = action()
+        except Exception as err:  # any failure of rank 0's part is every rank's stop
+            error = err
+    if any_rank(error is not None, device):
+        raise error if error is not None else CheckpointError(f"rank 0 could not {what}; see its log")
+    return result
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,9 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any]
     root = checkpoint_root(out_dir)
     tag = tag_for(step)
     rank = distributed.rank()
+    # A folder of this name can only be left from an interrupted save or an abandoned timeline: never write
+    # into it (its meta.json would call the half-written checkpoint complete, its extra files would stay).
+    distributed.on_rank0(lambda: _clear(root / tag, out_dir), engine.device, f"clear {root / tag}")
     error = None
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -87,11 +90,19 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any]
             (root / ".latest.tmp").write_text(tag)
             os.replace(root / ".latest.tmp", root / "latest")
             prune_checkpoints(out_dir, keep, meta.get("run_id"), root / tag)
-        except OSError as err:
+        except (OSError, CheckpointError) as err:
             error = err
     if distributed.any_rank(error is not None, engine.device):
         raise _write_error(root / tag, error, out_dir)
     return root / tag
+
+
+def _clear(folder: Path, out_dir: str | Path) -> None:
+    if folder.exists():
+        try:
+            shutil.rmtree(folder)
+        except OSError as err:
+            raise _write_error(folder, err, out_dir) from err
 
 
 def _write_error(folder: Path, error: BaseException | None, out_dir: str | Path) -> CheckpointWriteError:
@@ -119,12 +130,16 @@ def needs_universal(meta: dict[str, Any], zero_stage: int, world_size: int) -> b
                           f"resume with --zero_stage {saved_stage}")
 
 
-def load_checkpoint(engine, checkpoint: Path, load_universal: bool = False) -> dict[str, Any]:
-    """Collective: restore model, optimizer, scheduler and (same world size) this rank's RNG; return meta."""
+def load_checkpoint(engine, checkpoint: Path, universal_root: Path | None = None) -> dict[str, Any]:
+    """Collective: restore model, optimizer, scheduler and (same world size) this rank's RNG; return meta.
+
+    With `universal_root` (this run's out_dir/universal) the checkpoint is first converted there to
+    DeepSpeed's universal checkpoint (another world size or ZeRO stage, see `needs_universal`).
+    """
     meta = read_meta(checkpoint)
     load_dir, tag = checkpoint.parent, checkpoint.name
-    if load_universal:
-        load_dir, tag = universal_checkpoint(checkpoint), None
+    if universal_root is not None:
+        load_dir, tag = universal_checkpoint(checkpoint, meta, universal_root, engine.device), None
     path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {checkpoint}")
@@ -136,15 +151,23 @@ def load_checkpoint(engine, checkpoint: Path, load_universal: bool = False) -> d
     return meta
 
 
-def universal_checkpoint(checkpoint: Path) -> Path:
-    """DeepSpeed's universal checkpoint (any world size), converted once by rank 0 next to the original."""
-    target_root = checkpoint.parent.parent / "universal"
-    target, marker = target_root / checkpoint.name, target_root / "latest_universal"
-    converted = target.is_dir() and marker.is_file() and marker.read_text().strip() == checkpoint.name
-    if distributed.rank() == 0 and not converted:
-        _run_ds_to_universal(checkpoint, target)
-        marker.write_text(checkpoint.name)
-    distributed.barrier()
+def universal_checkpoint(checkpoint: Path, meta: dict[str, Any], target_root: Path, device) -> Path:
+    """Collective: DeepSpeed's universal checkpoint of `checkpoint` in `target_root`, converted by rank 0 unless
+    the conversion there is of this very checkpoint (its path and save time); every rank stops if it fails."""
+    target, marker = target_root / checkpoint.name, target_root / "latest_universal"  # the marker names the tag
+    source_file = target_root / "source.json"
+    source = {"checkpoint": str(checkpoint.resolve()), "saved_at": meta.get("saved_at")}
+
+    def convert() -> None:
+        done = target.is_dir() and source_file.is_file() and json.loads(source_file.read_text()) == source
+        if not done:
+            target_root.mkdir(parents=True, exist_ok=True)
+            source_file.unlink(missing_ok=True)
+            _run_ds_to_universal(checkpoint, target)
+            marker.write_text(checkpoint.name)
+            write_json_atomic(source_file, source)
+
+    distributed.on_rank0(convert, device, f"convert {checkpoint} to a universal checkpoint")
     return target_root
 
 

@@ -54,8 +54,9 @@ def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: i
         launcher = "single process"
     if "LOCAL_RANK" not in env:
         env["LOCAL_RANK"] = str(local_rank_flag if local_rank_flag is not None else 0)
-    if env["WORLD_SIZE"] == "1":
-        # Nobody has to find a world of one: a free port of its own, never a stale exported one.
+    if env["WORLD_SIZE"] == "1" and launcher != "deepspeed/torchrun":
+        # Nobody has to find a world of one: a free port of its own, never a stale exported one. (A launcher
+        # that set RANK keeps its port: torchrun's agent already serves its store there.)
         env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())
     elif launcher == "slurm" and env.get("SLURM_JOB_ID", "").isdigit():
         env.setdefault("MASTER_PORT", str(slurm_job_port(int(env["SLURM_JOB_ID"]))))  # as train.sbatch

@@ -29,7 +29,7 @@ from vlm.data.image import PixelNormalizer
 from vlm.data.pipeline import EvalLoader, LoaderSettings, TrainLoader
 from vlm.train import distributed
 from vlm.train.audit import SampleAudit, truncate_audit
-from vlm.train.checkpoint import CheckpointError, read_meta, resolve_resume, resume_problems
+from vlm.train.checkpoint import CheckpointError, abandon_newer, read_meta, resolve_resume, resume_problems
 from vlm.train.ds_config import build_ds_config
 from vlm.train.engine_state import load_checkpoint, needs_universal, save_checkpoint
 from vlm.train.export_live import export_live
@@ -73,12 +73,13 @@ class Trainer:
         self.is_main = dist_env.rank == 0
         self.step = start.get("step", 0)
         self.run_id = start.get("run_id")
+        self.skipped_before = start.get("skipped") or {"steps": 0, "samples": 0}  # earlier runs' totals
         self.metrics = MetricsLog(self.out_dir, self.is_main)
         self.audit = SampleAudit(self.out_dir, dist_env.rank) if cfg.data.log_samples else None
         self.timer = StepTimer()
         self.stop = StopFlag().install()
         self.bad_in_row = 0
-        self.saved_step = -1
+        self.saved_step = self.step  # a resumed run's starting point is already a checkpoint
         self.evaluated_step, self.eval_loss = -1, None
         self.step_is_skipped, self.step_batches = False, []  # the optimizer step being accumulated
         self.skipped_steps, self.samples_skipped = 0, Counter()
@@ -152,7 +153,7 @@ class Trainer:
             self.samples_skipped[reason] += samples
             if self.is_main:
                 log.warning("step %d skipped: a micro-batch had a NaN/Inf loss; no weight, optimizer state or "
-                            "schedule position changed, and its %d sample(s) on rank 0 were not trained",
+                            "schedule position changed, and its samples were not trained (%d on rank 0)",
                             self.step, samples)
         if self.audit is not None:
             for micro_step, keys, _ in self.step_batches:
@@ -202,8 +203,9 @@ class Trainer:
             **summary, "memory_gb": _memory_gb(self.device),
             "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
             "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
-            "skipped_steps": self.skipped_steps, "samples_skipped": dict(self.samples_skipped),
         }
+        skipped = self._skipped_totals()
+        record.update(skipped_steps=skipped["steps"], samples_skipped={"nonfinite_loss": skipped["samples"]})
         self.metrics.write(record)
         if self.is_main:
             tqdm.write(
@@ -241,12 +243,20 @@ class Trainer:
             tqdm.write(f"step {self.step} eval loss {loss:.4f}")
         return loss
 
+    def _skipped_totals(self) -> dict[str, int]:
+        """Collective: skipped optimizer steps and their samples over all ranks, this run and the earlier ones."""
+        samples = distributed.all_reduce_sum(torch.tensor([self.samples_skipped["nonfinite_loss"]],
+                                                          dtype=torch.float64, device=self.device))
+        return {"steps": self.skipped_before["steps"] + self.skipped_steps,
+                "samples": self.skipped_before["samples"] + int(samples.item())}
+
     def save(self, data_state: dict) -> None:
         """Collective: a checkpoint of this step with the loader position `data_state`."""
         meta = {
             "epoch": data_state.get("epoch", self.loader.epoch), "data_state": data_state,
             "world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
             "config": self.cfg.to_dict(), "total_steps": self.total_steps, "run_id": self.run_id,
+            "skipped": self._skipped_totals(),
         }
         path = save_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
         self.saved_step = self.step
@@ -285,7 +295,7 @@ def run(cfg: Config) -> int:
         device = distributed.device_for_rank(env.local_rank, cfg.train.device)
         if env.world_size > 1:
             check_at_startup(cfg, env.world_size, env.rank, lambda flag: distributed.any_rank(flag, device))
-        lock = _lock_out_dir(Path(cfg.train.out_dir), env.rank, device)
+        lock = _lock_out_dir(Path(cfg.train.out_dir), device)
         try:
             return _train(cfg, env, device)
         finally:
@@ -299,17 +309,10 @@ def run(cfg: Config) -> int:
 LOCK_WAIT_S = 30.0  # how long a new run waits for a killed run's processes to let go of the out_dir
 
 
-def _lock_out_dir(out_dir: Path, rank: int, device: torch.device) -> OutDirLock | None:
+def _lock_out_dir(out_dir: Path, device: torch.device) -> OutDirLock | None:
     """Collective: rank 0 takes out_dir's lock for the run's life; every rank stops if it could not."""
-    lock, error = None, None
-    if rank == 0:
-        try:
-            lock = OutDirLock(out_dir).acquire(wait_s=LOCK_WAIT_S)
-        except CheckpointError as err:
-            error = err
-    if distributed.any_rank(error is not None, device):
-        raise error if error is not None else CheckpointError(f"rank 0 could not lock train.out_dir {out_dir}")
-    return lock
+    return distributed.on_rank0(lambda: OutDirLock(out_dir).acquire(wait_s=LOCK_WAIT_S), device,
+                                f"lock train.out_dir {out_dir}")
 
 
 def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
@@ -323,12 +326,17 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     eval_loader = EvalLoader(cfg.data.eval_shards, fmt, settings) if cfg.data.eval_shards else None
     resume = resolve_resume(out_dir, cfg.train.resume)
     meta = read_meta(resume) if resume else None
-    if meta is None:
-        moved = claim_out_dir(out_dir, cfg.train.previous_run, move=env.rank == 0)
+    if meta is None or not _inside(resume, out_dir):  # a fresh run, or one continuing another out_dir's
+        moved = distributed.on_rank0(lambda: claim_out_dir(out_dir, cfg.train.previous_run, move=True), device,
+                                     f"claim train.out_dir {out_dir}")
         if moved is not None:
             log.warning("train.previous_run=move: the earlier run's outputs are now in %s", moved)
-        distributed.barrier()
-    else:
+    if meta is not None and _inside(resume, out_dir):
+        abandoned = distributed.on_rank0(lambda: abandon_newer(resume), device, "set newer checkpoints aside")
+        if abandoned:
+            log.warning("resuming from %s: the newer %s are set aside and will not be resumed", resume.name,
+                        ", ".join(abandoned))
+    if meta is not None:
         problems = resume_problems(resume, meta, cfg)
         if problems:
             raise CheckpointError(f"cannot resume from {resume}: " + "; ".join(problems))
@@ -350,18 +358,23 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
         ds_config["checkpoint"] = {"load_universal": True}
     engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
     if resume is not None:
-        load_checkpoint(engine, resume, load_universal=universal)
+        load_checkpoint(engine, resume, universal_root=out_dir / "universal" if universal else None)
         previous = set_peak_lr(engine.lr_scheduler, cfg.train.learning_rate)
         if env.rank == 0 and not math.isclose(previous, cfg.train.learning_rate):
             log.info("train.learning_rate changed on resume: %.3g -> %.3g, from step %d on",
                      previous, cfg.train.learning_rate, done + 1)
-        if cfg.data.log_samples and env.rank == 0:
-            truncate_audit(out_dir, meta["data_state"])
+        if cfg.data.log_samples:
+            distributed.on_rank0(lambda: truncate_audit(out_dir, meta["data_state"]), device, "align the audit")
     if env.rank == 0:
         _print_header(cfg, env, counts, loader, resume, total)
     distributed.barrier()
-    return Trainer(cfg, built, engine, loader, eval_loader, env, device, {"step": done, "run_id": run_id},
-                   total).fit()
+    start = {"step": done, "run_id": run_id, "skipped": meta.get("skipped") if meta is not None else None}
+    return Trainer(cfg, built, engine, loader, eval_loader, env, device, start, total).fit()
+
+
+def _inside(checkpoint: Path, out_dir: Path) -> bool:
+    """Whether `checkpoint` is one of out_dir's own checkpoints."""
+    return checkpoint.resolve().parent == (out_dir / "checkpoints").resolve()
 
 
 def _print_header(cfg: Config, env, counts: dict, loader, resume, total: int) -> None:
