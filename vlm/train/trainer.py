@@ -60,7 +60,7 @@ class Trainer:
     """The training loop of one rank: micro-batches through the engine, logging, eval, checkpoints, signals.
 
     `start` holds the optimizer step to continue from and the run's identity ({"step": n, "run_id": id});
-    `total_steps` is where the run ends (`vlm.data.plan.total_steps`).
+    `total_steps` is the step the run ends at (`vlm.data.plan.last_step`).
     """
 
     def __init__(self, cfg: Config, built: Built, engine, loader: TrainLoader, eval_loader: EvalLoader | None,
@@ -188,8 +188,10 @@ class Trainer:
     # -- logging, eval, checkpoints ------------------------------------------------------------------
     def _log(self) -> None:
         losses = [r.loss for r in self.window if r.loss is not None]
-        stats = distributed.all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64,
-                                                        device=self.device))
+        # One all-reduce per log line: loss sum, micro-batches with a loss, samples of skipped steps.
+        stats = distributed.all_reduce_sum(torch.tensor(
+            [sum(losses), len(losses), self.samples_skipped["nonfinite_loss"]], dtype=torch.float64,
+            device=self.device))
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else None  # None: every micro-batch was skipped
         summary = self.timer.summary(self.env.world_size, self.peak_flops)
         remaining = self.total_steps - self.step
@@ -204,7 +206,7 @@ class Trainer:
             "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
             "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
         }
-        skipped = self._skipped_totals()
+        skipped = self._skipped_totals(int(stats[2]))
         record.update(skipped_steps=skipped["steps"], samples_skipped={"nonfinite_loss": skipped["samples"]})
         self.metrics.write(record)
         if self.is_main:
@@ -243,12 +245,14 @@ class Trainer:
             tqdm.write(f"step {self.step} eval loss {loss:.4f}")
         return loss
 
-    def _skipped_totals(self) -> dict[str, int]:
-        """Collective: skipped optimizer steps and their samples over all ranks, this run and the earlier ones."""
-        samples = distributed.all_reduce_sum(torch.tensor([self.samples_skipped["nonfinite_loss"]],
-                                                          dtype=torch.float64, device=self.device))
+    def _skipped_totals(self, samples: int | None = None) -> dict[str, int]:
+        """Skipped optimizer steps and their samples over all ranks, this run and the earlier ones. Collective
+        unless `samples` (this run's, already summed over ranks) is given."""
+        if samples is None:
+            samples = int(distributed.all_reduce_sum(torch.tensor(
+                [self.samples_skipped["nonfinite_loss"]], dtype=torch.float64, device=self.device)).item())
         return {"steps": self.skipped_before["steps"] + self.skipped_steps,
-                "samples": self.skipped_before["samples"] + int(samples.item())}
+                "samples": self.skipped_before["samples"] + samples}
 
     def save(self, data_state: dict) -> None:
         """Collective: a checkpoint of this step with the loader position `data_state`."""
@@ -331,7 +335,7 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
                                      f"claim train.out_dir {out_dir}")
         if moved is not None:
             log.warning("train.previous_run=move: the earlier run's outputs are now in %s", moved)
-    if meta is not None and _inside(resume, out_dir):
+    else:
         abandoned = distributed.on_rank0(lambda: abandon_newer(resume), device, "set newer checkpoints aside")
         if abandoned:
             log.warning("resuming from %s: the newer %s are set aside and will not be resumed", resume.name,
