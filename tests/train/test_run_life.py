@@ -306,11 +306,34 @@ def test_a_change_between_zero_1_and_2_resumes(shards60, tmp_path, launch_env, f
     assert len(keys) == 60 and set(keys.values()) == {1}
 
 
-def test_a_stage_change_deepspeed_cannot_convert_is_named(shards60, tmp_path, launch_env, capsys):
-    out = tmp_path / "o"
-    assert train(shards60, out, "--max_steps", "2", "--zero_stage", "3") == 0
-    assert train(shards60, out, "--max_steps", "3", "--zero_stage", "2") == 1
-    assert "written under ZeRO-3, this run uses ZeRO-2" in capsys.readouterr().err
+def _weights(checkpoint: Path) -> dict:
+    from vlm.load import checkpoint_state_dict
+
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    return {k: v.float() for k, v in checkpoint_state_dict(checkpoint, meta["zero_stage"]).items()}
+
+
+@pytest.mark.parametrize("first, then, dtype", [(0, 3, "float32"), (3, 0, "float32"), (2, 3, "float32"),
+                                                (3, 1, "float32"), (0, 2, "bfloat16"), (2, 0, "bfloat16")])
+def test_a_zero_stage_change_continues_the_same_training(shards60, tmp_path, launch_env, first, then, dtype):
+    """Resumed at step 2 under another ZeRO stage, step 4 has the weights of the run that never changed: master
+    weights, Adam moments and step count, schedule and data position all carried over."""
+    import torch
+
+    straight, changed = tmp_path / "straight", tmp_path / "changed"
+    common = ("--max_steps", "4", "--save_interval", "2", "--dtype", dtype, "--train.weight_decay=0.1")
+    assert train(shards60, straight, *common, "--zero_stage", str(first)) == 0
+    assert train(shards60, changed, *common, "--zero_stage", str(then), "--resume",
+                 str(straight / "checkpoints" / "step_000000002")) == 0
+    want, got = (_weights(out / "checkpoints" / "step_000000004") for out in (straight, changed))
+    assert want.keys() == got.keys()
+    # fp32: equal to rounding (1.2e-7 measured); bf16: within one bf16 step of these weights (4.9e-4 measured)
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == "float32" else {"atol": 1e-3, "rtol": 0.0}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tolerance, msg=name)
+    # Steps 3 and 4 moved the weights by much more than the tolerance: the comparison can fail.
+    moved = max((want[n] - _weights(straight / "checkpoints" / "step_000000002")[n]).abs().max() for n in want)
+    assert moved > 3 * tolerance["atol"]
 
 
 def test_resume_refuses_other_data(shards60, tmp_path, launch_env, capsys):

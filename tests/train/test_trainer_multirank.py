@@ -198,24 +198,28 @@ def _audited(out: Path) -> list[str]:
             for line in path.read_text().splitlines() for k in json.loads(line)["keys"]]
 
 
-@pytest.mark.parametrize("stage, first, then", [(0, 2, 1), (1, 2, 1), (2, 2, 1), (0, 1, 2), (1, 1, 2), (2, 1, 2),
-                                                (3, 1, 2)])  # ZeRO-3 2 -> 1: test_sigterm_..._on_one_rank
-def test_every_zero_stage_resumes_on_another_number_of_ranks(synth_shards, tmp_path, stage, first, then):
-    """192 samples, batch 4: a run on `first` ranks stops after 3 steps, the same command on `then` ranks
-    finishes the epoch; every sample of it is trained once (a tail under one global batch aside)."""
+@pytest.mark.parametrize("before, after", [((0, 2), (0, 1)), ((1, 2), (1, 1)), ((2, 2), (2, 1)), ((0, 1), (0, 2)),
+                                           ((1, 1), (1, 2)), ((2, 1), (2, 2)), ((3, 1), (3, 2)),
+                                           ((2, 2), (3, 1)), ((3, 1), (0, 2))],
+                         ids=lambda layout: f"zero{layout[0]}x{layout[1]}")  # ZeRO-3 2 -> 1: test_sigterm_..._on_one_rank
+def test_every_zero_stage_resumes_on_another_number_of_ranks(synth_shards, tmp_path, before, after):
+    """192 samples, batch 4: a run on some ranks under some ZeRO stage stops after 3 steps, the same command on
+    another number of ranks (and maybe another stage) finishes the epoch; every sample of it is trained once
+    (a tail under one global batch aside)."""
     out = tmp_path / "run"
-    args = base_args(synth_shards["pretrain"], out, "--zero_stage", str(stage), "--log_samples",
-                     "--train.epochs=1")
+    args = base_args(synth_shards["pretrain"], out, "--log_samples", "--train.epochs=1")
 
-    def launch(ranks: int, *extra: str):
+    def launch(layout: tuple[int, int], *extra: str):
+        stage, ranks = layout
+        extra = ("--zero_stage", str(stage), *extra)
         cmd = (deepspeed_cmd("launch/train.py", [*args, *extra], nproc=ranks) if ranks > 1
                else [str(BIN / "python"), "launch/train.py", *args, *extra])
         result = run(cmd, timeout=400)
         assert result.returncode == 0, tail(result)
         return result
 
-    launch(first, "--max_steps", "3")
-    launch(then, "--max_steps", "null")
+    launch(before, "--max_steps", "3")
+    launch(after, "--max_steps", "null")
     keys = _audited(out)
     assert len(keys) == len(set(keys)), "a sample was trained twice"
     assert len(keys) >= 192 - 8

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vlm.train import distributed
+from vlm.train import distributed, layout_change
 from vlm.train.checkpoint import (
     META,
     CheckpointError,
@@ -114,33 +114,35 @@ def _write_error(folder: Path, error: BaseException | None, out_dir: str | Path)
 
 
 def needs_universal(meta: dict[str, Any], zero_stage: int, world_size: int) -> bool:
-    """Whether resuming `meta`'s checkpoint under (`zero_stage`, `world_size`) goes through DeepSpeed's
-    universal checkpoint: another world size under ZeRO 1-3, or a change between ZeRO 1 and 2. ZeRO 0 keeps
-    the whole optimizer in one file, so any world size loads it directly.
-
-    Raises CheckpointError for a change of stage DeepSpeed 0.19.8 cannot convert (to or from 0 or 3).
-    """
+    """Whether resuming `meta`'s checkpoint under (`zero_stage`, `world_size`) goes through a universal
+    checkpoint (`vlm.train.layout_change`): any change of ZeRO stage, or another world size under ZeRO 1-3.
+    ZeRO-0 keeps the whole optimizer in one file, so a ZeRO-0 checkpoint loads directly on any world size."""
     saved_stage, saved_world = meta.get("zero_stage", zero_stage), meta.get("world_size", world_size)
-    if saved_stage == zero_stage:
-        return zero_stage > 0 and saved_world != world_size
-    if {saved_stage, zero_stage} <= {1, 2}:
+    if saved_stage != zero_stage:
         return True
-    raise CheckpointError(f"the checkpoint was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}: "
-                          "DeepSpeed converts only between ZeRO-1 and ZeRO-2 (and any world size within a stage); "
-                          f"resume with --zero_stage {saved_stage}")
+    return zero_stage > 0 and saved_world != world_size
 
 
 def load_checkpoint(engine, checkpoint: Path, universal_root: Path | None = None) -> dict[str, Any]:
     """Collective: restore model, optimizer, scheduler and (same world size) this rank's RNG; return meta.
 
-    With `universal_root` (this run's out_dir/universal) the checkpoint is first converted there to
-    DeepSpeed's universal checkpoint (another world size or ZeRO stage, see `needs_universal`).
+    With `universal_root` (this run's out_dir/universal) the checkpoint is first converted there to a
+    universal checkpoint (another world size or ZeRO stage, see `needs_universal`), which DeepSpeed loads into
+    a ZeRO-1/2/3 engine (`"checkpoint": {"load_universal": true}` in its config) and
+    `layout_change.load_into_zero0` into a ZeRO-0 one. Raises CheckpointError when it cannot be loaded.
     """
     meta = read_meta(checkpoint)
-    load_dir, tag = checkpoint.parent, checkpoint.name
-    if universal_root is not None:
-        load_dir, tag = universal_checkpoint(checkpoint, meta, universal_root, engine.device), None
-    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+    if universal_root is None:
+        path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=True)
+    else:
+        trainable = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+        folder = universal_checkpoint(checkpoint, meta, [name for name, _ in trainable], universal_root,
+                                      engine.device)
+        if engine.zero_optimization_stage() == 0:
+            layout_change.load_into_zero0(engine, folder, trainable)
+            path = folder
+        else:
+            path, _ = engine.load_checkpoint(str(universal_root), tag=None, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {checkpoint}")
     rank = distributed.rank()
@@ -151,29 +153,24 @@ def load_checkpoint(engine, checkpoint: Path, universal_root: Path | None = None
     return meta
 
 
-def universal_checkpoint(checkpoint: Path, meta: dict[str, Any], target_root: Path, device) -> Path:
-    """Collective: DeepSpeed's universal checkpoint of `checkpoint` in `target_root`, converted by rank 0 unless
-    the conversion there is of this very checkpoint (its path and save time); every rank stops if it fails."""
+def universal_checkpoint(checkpoint: Path, meta: dict[str, Any], names: list[str], target_root: Path,
+                         device) -> Path:
+    """Collective: the universal folder of `checkpoint` in `target_root` (`layout_change.build_universal`),
+    built by rank 0 unless the one there is of this very checkpoint (its path and save time); every rank
+    stops if it fails. `names`: the trainable parameters in optimizer order."""
     target, marker = target_root / checkpoint.name, target_root / "latest_universal"  # the marker names the tag
     source_file = target_root / "source.json"
-    source = {"checkpoint": str(checkpoint.resolve()), "saved_at": meta.get("saved_at")}
+    source = {"checkpoint": str(checkpoint.resolve()), "saved_at": meta.get("saved_at"), "format": 2}
 
     def convert() -> None:
         done = target.is_dir() and source_file.is_file() and json.loads(source_file.read_text()) == source
         if not done:
             target_root.mkdir(parents=True, exist_ok=True)
             source_file.unlink(missing_ok=True)
-            _run_ds_to_universal(checkpoint, target)
+            layout_change.build_universal(checkpoint, meta.get("zero_stage", 0), names, target,
+                                          distributed.convert_to_universal)
             marker.write_text(checkpoint.name)
             write_json_atomic(source_file, source)
 
     distributed.on_rank0(convert, device, f"convert {checkpoint} to a universal checkpoint")
-    return target_root
-
-
-def _run_ds_to_universal(checkpoint: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    error = distributed.convert_to_universal(checkpoint, target)
-    if error is not None:
-        raise CheckpointError(f"converting {checkpoint} to a universal checkpoint failed:\n{error}")
+    return target

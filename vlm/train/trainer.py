@@ -358,7 +358,7 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     ds_config = build_ds_config(cfg.train, loader.geometry, device.type == "cpu",
                                 str(out_dir / "logs") if env.rank == 0 else None)
     universal = meta is not None and needs_universal(meta, cfg.train.zero_stage, env.world_size)
-    if universal:
+    if universal and cfg.train.zero_stage > 0:  # a ZeRO-0 engine is restored by vlm.train.layout_change
         ds_config["checkpoint"] = {"load_universal": True}
     engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
     if resume is not None:
