@@ -167,6 +167,8 @@ def universal_checkpoint(checkpoint: Path, meta: dict[str, Any], names: list[str
         if not done:
             target_root.mkdir(parents=True, exist_ok=True)
             source_file.unlink(missing_ok=True)
+            for old in target_root.glob("step_*"):  # an earlier conversion: a full fp32 copy + moments, not needed
+                shutil.rmtree(old)
             layout_change.build_universal(checkpoint, meta.get("zero_stage", 0), names, target,
                                           distributed.convert_to_universal)
             marker.write_text(checkpoint.name)
