@@ -70,6 +70,11 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any]
     # A folder of this name can only be left from an interrupted save or an abandoned timeline: never write
     # into it (its meta.json would call the half-written checkpoint complete, its extra files would stay).
     distributed.on_rank0(lambda: _clear(root / tag, out_dir), engine.device, f"clear {root / tag}")
+    # A rank that fails inside DeepSpeed's save leaves the others waiting in its collectives: refuse together,
+    # before writing, when any rank's disk cannot hold another checkpoint the size of the last one.
+    short = _short_of_space(root, out_dir)
+    if distributed.any_rank(short is not None, engine.device):
+        raise _write_error(root / tag, short, out_dir)
     error = None
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -95,6 +100,23 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any]
     if distributed.any_rank(error is not None, engine.device):
         raise _write_error(root / tag, error, out_dir)
     return root / tag
+
+
+def _short_of_space(root: Path, out_dir: str | Path) -> OSError | None:
+    """An OSError naming the free and needed space when `root`'s file system (as this rank sees it) has less free
+    than the newest complete checkpoint takes (its recorded file sizes); None when it has room, or nothing to
+    compare with yet."""
+    done = complete_checkpoints(out_dir)
+    if not done:
+        return None
+    try:
+        needed = sum(read_meta(done[-1]).get("files", {}).values())
+        free = shutil.disk_usage(root).free
+    except (OSError, CheckpointError):
+        return None  # the save itself reports what is wrong
+    if free >= needed:
+        return None
+    return OSError(f"{free / 2**20:.1f} MiB free, the last checkpoint took {needed / 2**20:.1f} MiB")
 
 
 def _clear(folder: Path, out_dir: str | Path) -> None:
