@@ -387,3 +387,31 @@ def test_a_resume_from_an_older_checkpoint_sets_the_newer_timeline_aside(shards6
         "step_000000004", "step_000000006"]
     assert (root / "latest").read_text() == "step_000000004"
     assert train(shards60, out, "--max_steps", "4", "--save_interval", "2") == 0  # auto: the new step 4, done
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_frozen_vision_tower_computes_in_the_engines_precision(shards60, tmp_path, launch_env, monkeypatch,
+                                                                   tiny_vision_dir, stage):
+    """Through the real engine: under bf16 every parameter the forward uses, the frozen tower's included, is
+    bf16, and so are the image features."""
+    import torch
+
+    from vlm.train.trainer import Trainer
+
+    seen = {}
+
+    def inspect(trainer):
+        model = trainer.engine.module
+        encoder = model.get_vision_encoder()
+        seen["trainable"] = model.vision_trainable
+        seen["dtypes"] = {p.dtype for p in model.parameters()} | {p.dtype for p in encoder.parameters()}
+        size = encoder.config.image_size
+        with torch.no_grad():
+            seen["features"] = model.image_features(torch.zeros(1, 3, size, size)).dtype
+        return 0
+
+    monkeypatch.setattr(Trainer, "fit", inspect)
+    assert train(shards60, tmp_path / "o", "--max_steps", "1", "--dtype", "bfloat16", "--zero_stage", str(stage),
+                 "--model.vision_trainable=false",
+                 "--model.vision_model", str(tiny_vision_dir)) == 0
+    assert seen == {"trainable": False, "dtypes": {torch.bfloat16}, "features": torch.bfloat16}

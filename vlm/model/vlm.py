@@ -97,6 +97,19 @@ class MiniMindVLM(MiniMindForCausalLM):
             frozen._apply(fn, recurse)
         return self
 
+    def match_vision_dtype(self) -> torch.dtype:
+        """Cast a frozen (unregistered) vision encoder to the dtype of the projector's weights; returns it.
+
+        Needed after DeepSpeed builds the engine: under bf16/fp16 it casts only registered parameters, which
+        would leave the frozen tower computing in fp32 (several times slower on a GPU). A trainable encoder
+        is registered and cast with the rest; `.to()` on the model reaches the frozen one too (`_apply`).
+        """
+        dtype = self.vision_proj.vision_proj[0].weight.dtype
+        frozen = self.__dict__.get("_frozen_vision_encoder")
+        if frozen is not None:
+            frozen.to(dtype=dtype)
+        return dtype
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, image_token_len, hidden): encode (no_grad when frozen), then project."""
         encoder = self.get_vision_encoder()
