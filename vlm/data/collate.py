@@ -26,6 +26,10 @@ Batch contract (read by the trainer and the model's composite):
     image_mask      (B, N) bool, True for real images (for inspection and tests: the model finds the real
                     slots from its placeholder runs itself, and writes their features row-major at
                     input_ids == image_token_id, the row-major order of the runs).
+    packed          bool (a Python bool, no tensor): some row holds more than one sample. When False every
+                    row is one sample padded on the right, so causal attention without any mask is exact for
+                    the real tokens (they never see a later pad; pads carry no label): the trainer then passes
+                    no attention_mask and the model takes SDPA's mask-free causal kernels.
     num_tokens      () long, real (non-padding) tokens, for throughput.
     num_label_tokens () long, labels that are not -100.
     keys            list[str], only when every sample has `__key__`: keys in row order, segment order.
@@ -145,6 +149,7 @@ def _build(
         "position_ids": positions,
         "pixel_values": pixel_values,
         "image_mask": image_mask,
+        "packed": any(len(row) > 1 for row in rows),
         "num_tokens": torch.tensor(sum(lengths)),
         "num_label_tokens": (labels != IGNORE_INDEX).sum(),
     }

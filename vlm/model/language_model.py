@@ -49,14 +49,6 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, H_kv, T, D) -> (B, H_kv * n_rep, T, D); query head h reads key/value head h // n_rep (MiniMind's order)."""
-    if n_rep == 1:
-        return x
-    bsz, kv_heads, seq_len, head_dim = x.shape
-    return x[:, :, None].expand(bsz, kv_heads, n_rep, seq_len, head_dim).reshape(bsz, -1, seq_len, head_dim)
-
-
 def segment_attention(segment_ids: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask and positions for the last `q_len` tokens of rows of segment ids (B, T_total).
 
@@ -107,14 +99,16 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T_total, hd)
-        out = self.attend(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), attn_mask)
+        out = self.attend(q, k, v, attn_mask)
         return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)))
 
     def attend(self, q, k, v, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, H, Tq, hd), k/v (B, H, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, H, Tq, hd).
+        """q (B, H, Tq, hd), k/v (B, H_kv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, H, Tq, hd).
 
-        A None mask means plain causal attention when Tq > 1 (the model only passes None then when there is
-        no cache prefix) and attend-to-everything for one decoding step.
+        Query head h reads key/value head h // (H / H_kv) (the order of MiniMind's `repeat_kv`) through SDPA's
+        `enable_gqa`, so K/V are never copied H / H_kv times. A None mask means plain causal attention when
+        Tq > 1 (the model only passes None then when there is no cache prefix) and attend-to-everything for
+        one decoding step.
         """
         return F.scaled_dot_product_attention(
             q,
@@ -123,6 +117,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and q.shape[2] > 1,
+            enable_gqa=self.n_rep > 1,
         )
 
 

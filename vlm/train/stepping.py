@@ -34,8 +34,14 @@ class StepResult:
 
 
 def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNormalizer) -> dict:
-    """The model's keyword arguments on `device`; uint8 pixel_values (B, N, 3, H, W) become float32 there."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    """The model's keyword arguments on `device`; uint8 pixel_values (B, N, 3, H, W) become float32 there.
+
+    A batch of right-padded single-sample rows (`packed` False, see `vlm.data.collate`) goes without
+    attention_mask and position_ids: plain causal attention, exact for its real tokens, on SDPA's fused
+    kernels (a mask would rule out the flash kernel and build a (B, 1, T, T) tensor).
+    """
+    names = MODEL_INPUTS if batch.get("packed", True) else ("input_ids", "labels", "pixel_values")
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in names if k in batch}
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.shape[1] == 0:  # no image in any row
         inputs.pop("pixel_values")
