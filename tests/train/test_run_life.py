@@ -21,13 +21,16 @@ PEAK = 1e-3
 
 
 @pytest.fixture
-def launch_env(monkeypatch):
-    """A fresh single-process launch per test: its own copy of the environment, the group torn down after."""
-    monkeypatch.setattr(os, "environ", dict(os.environ))
+def launch_env():
+    """A fresh single-process launch per test: launcher variables cleared, the environment as it was and the
+    group torn down after. (The real `os.environ`, not a dict copy: compiled code reads variables with getenv.)"""
+    saved = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
         os.environ.pop(key, None)
     yield
     distributed.destroy_distributed()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -328,8 +331,9 @@ def test_a_zero_stage_change_continues_the_same_training(shards60, tmp_path, lau
                  str(straight / "checkpoints" / "step_000000002")) == 0
     want, got = (_weights(out / "checkpoints" / "step_000000004") for out in (straight, changed))
     assert want.keys() == got.keys()
-    # fp32: equal to rounding (1.2e-7 measured); bf16: within one bf16 step of these weights (4.9e-4 measured)
-    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == "float32" else {"atol": 1e-3, "rtol": 0.0}
+    # fp32: equal to rounding (1.2e-7 measured); bf16: within one bf16 step (2^-7 relative; 4.9e-4 measured on
+    # weights near 0.1, 7.8e-3 on layer-norm weights near 1)
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == "float32" else {"atol": 1e-3, "rtol": 2**-7}
     for name in want:
         torch.testing.assert_close(got[name], want[name], **tolerance, msg=name)
     # Steps 3 and 4 moved the weights by much more than the tolerance: the comparison can fail.
@@ -415,3 +419,27 @@ def test_the_frozen_vision_tower_computes_in_the_engines_precision(shards60, tmp
                  "--model.vision_trainable=false",
                  "--model.vision_model", str(tiny_vision_dir)) == 0
     assert seen == {"trainable": False, "dtypes": {torch.bfloat16}, "features": torch.bfloat16}
+
+
+def test_train_compile_compiles_the_blocks_and_trains_the_same(shards60, tmp_path, launch_env, monkeypatch):
+    """`--train.compile` (torch.compile per decoder block, on the CPU here): the same losses as eager."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    from vlm.train.trainer import Trainer
+
+    fit, compiled = Trainer.fit, []
+
+    def fit_and_look(trainer):
+        code = fit(trainer)
+        compiled.extend(getattr(b, "_compiled_call_impl", None) is not None for b in trainer.engine.module.model.layers)
+        return code
+
+    monkeypatch.setattr(Trainer, "fit", fit_and_look)
+    assert train(shards60, tmp_path / "eager", "--max_steps", "3", "--dtype", "float32") == 0
+    assert train(shards60, tmp_path / "compiled", "--max_steps", "3", "--dtype", "float32", "--train.compile") == 0
+    assert compiled == [False, False, True, True]  # two blocks, eager then compiled
+    eager, fast = (step_records(tmp_path / name) for name in ("eager", "compiled"))
+    for step in (1, 2, 3):
+        assert fast[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4)

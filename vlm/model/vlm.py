@@ -110,6 +110,22 @@ class MiniMindVLM(MiniMindForCausalLM):
             frozen.to(dtype=dtype)
         return dtype
 
+    def compile_blocks(self, **compile_kwargs) -> int:
+        """`torch.compile` every decoder block and a frozen vision encoder in place (`nn.Module.compile`: the
+        modules, their names and state-dict keys stay as they are); returns how many modules were compiled.
+
+        Per block rather than the whole model: one small graph compiled once serves every layer, shapes that
+        change between batches (dynamic padding) recompile small graphs, and DeepSpeed's hooks around the
+        model stay outside the compiled code.
+        """
+        modules = list(self.model.layers)
+        frozen = self.__dict__.get("_frozen_vision_encoder")
+        if frozen is not None:
+            modules.append(frozen)
+        for module in modules:
+            module.compile(**compile_kwargs)
+        return len(modules)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, image_token_len, hidden): encode (no_grad when frozen), then project."""
         encoder = self.get_vision_encoder()

@@ -362,6 +362,8 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
         ds_config["checkpoint"] = {"load_universal": True}
     engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
     built.model.match_vision_dtype()  # the frozen tower computes in the engine's precision too
+    if cfg.train.compile:
+        log.info("train.compile: %d modules compiled at their first batch", built.model.compile_blocks())
     if resume is not None:
         load_checkpoint(engine, resume, universal_root=out_dir / "universal" if universal else None)
         previous = set_peak_lr(engine.lr_scheduler, cfg.train.learning_rate)
