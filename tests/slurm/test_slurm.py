@@ -81,6 +81,27 @@ def test_two_nodes_train_to_the_same_loss(slurm, synth_shards, uninterrupted, tm
     assert final_loss(tmp_path / "out") == final_loss(uninterrupted / "out")
 
 
+def test_srun_is_given_the_jobs_cpus_per_task(slurm, tmp_path):
+    """srun (Slurm >= 22.05) does not inherit the job's --cpus-per-task: the script passes it on, caps it when it
+    starts more tasks than the job asked for, and leaves it to VLM_SRUN_ARGS when that names one. A stand-in
+    for python reports the CPUs of its step; `--exact` makes the step hold only the CPUs srun asked for (on
+    this cluster, without task binding, that is where a missing --cpus-per-task shows)."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/bash\necho "task $SLURM_PROCID: step$(scontrol show step '
+                      '"$SLURM_JOB_ID.$SLURM_STEP_ID" | grep -o " CPUs=[0-9]*")"\n')
+    python.chmod(0o755)
+    cases = [("given", {}, "CPUs=2", 1), ("capped", {"VLM_GPUS_PER_NODE": "2"}, "CPUs=2", 2),
+             ("override", {"VLM_SRUN_ARGS": "--exact --cpus-per-task=1"}, "CPUs=1", 1)]
+    for name, knobs, cpus, tasks in cases:
+        env = {**job_env(slurm), "VLM_PYTHON": str(python), "VLM_SRUN_ARGS": "--exact", **knobs}
+        result = subprocess.run(["sbatch", "--wait", "--time=2", f"--output={tmp_path}/{name}-%j.out", "--ntasks=1",
+                                 "--cpus-per-task=2", "launch/slurm/train.sbatch", "unused.yaml"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        text = "".join(p.read_text() for p in tmp_path.glob(f"{name}-*.out"))
+        assert result.returncode == 0, f"{name}: {result.stderr}\n{text}"
+        assert text.count(f"step {cpus}") == tasks, f"{name}: {text}"
+
+
 FINISHED = {"", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
 

@@ -26,7 +26,7 @@ def findings(report, check, level=preflight.PROBLEM):
 def test_a_good_config_is_ready_and_starts_no_process_group(tmp_path):
     report = preflight.run_checks(config(tmp_path), SINGLE, load=False)
     assert report.problems == [], report.render("")
-    assert {f.check for f in report.findings} == {"config", "launcher", "batch", "files", "out_dir"}
+    assert {f.check for f in report.findings} == {"config", "launcher", "batch", "cpus", "files", "out_dir"}
     assert "6 samples per epoch = 6 steps" in findings(report, "batch", preflight.OK)[0]
     assert not torch.distributed.is_initialized()
     assert not (tmp_path / "out").exists()  # the doctor writes nothing into out_dir
@@ -124,6 +124,22 @@ def test_workers_shards_and_steps_warnings(tmp_path):
     cfg = config(tmp_path, train_shards=stream, num_workers="2", **{"data.samples_per_epoch": "64"})
     report = preflight.run_checks(cfg, SINGLE, world_size=2, load=False)
     assert "2 shard(s) for 4 readers" in findings(report, "data", preflight.WARNING)[0]
+
+
+def test_fewer_cpus_than_workers_plus_one_is_a_warning(tmp_path, monkeypatch):
+    """What srun without --cpus-per-task can do to a rank: pin it and its workers to fewer CPUs."""
+    monkeypatch.setattr(preflight.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    report = preflight.run_checks(config(tmp_path, num_workers="4"), SINGLE, load=False)
+    (message,) = findings(report, "cpus", preflight.WARNING)
+    assert "may use 2 CPU(s)" in message and "data.num_workers 4" in message
+    assert "lower data.num_workers to 1" in message and "--cpus-per-task=5" in message and "VLM_SRUN_ARGS" in message
+    report = preflight.run_checks(config(tmp_path, num_workers="1"), SINGLE, load=False)
+    assert findings(report, "cpus", preflight.WARNING) == []
+    assert findings(report, "cpus", preflight.OK) == ["2 CPU(s) for this rank and its 1 DataLoader worker(s)"]
+    monkeypatch.delattr(preflight.os, "sched_getaffinity", raising=False)  # macOS and Windows have no affinity
+    monkeypatch.setattr(preflight.os, "cpu_count", lambda: 1)
+    report = preflight.run_checks(config(tmp_path, num_workers="1"), SINGLE, load=False)
+    assert "may use 1 CPU(s)" in findings(report, "cpus", preflight.WARNING)[0]
 
 
 def test_cli_prints_one_report_and_exits_non_zero_on_problems(tmp_path, capsys):

@@ -8,6 +8,7 @@ Checks, each reported as ok / warning / PROBLEM:
             torchrun, SLURM, Open MPI) are consistent; MASTER_ADDR resolves; LOCAL_RANK has a GPU
   batch     global batch = batch_size x accumulation_steps x world size; the data gives at least one
             optimizer step; max_steps reachable; DataLoader workers and shards against ranks
+  cpus      this process may run on data.num_workers + 1 CPUs (its affinity: srun --cpus-per-task, taskset)
   files     tokenizer, vision encoder, initial weights, DeepSpeed JSON (leaving batch sizes, optimizer and
             precision to the YAML), eval shards exist, and (with `load`) load:
             the model is built with its starting weights, strictly
@@ -195,6 +196,30 @@ def check_batch(cfg: Config, world_size: int, report: Report) -> None:
                                         f"{geometry.slots} workers): readers draw the same shards")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what srun, taskset or a container allow), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_cpus(cfg: Config, report: Report) -> None:
+    """This process's CPUs against what a rank runs: itself and data.num_workers DataLoader workers."""
+    workers = cfg.data.num_workers
+    if workers < 0:
+        return  # already a config problem
+    cpus, needed = usable_cpus(), workers + 1
+    if cpus >= needed:
+        report.add(OK, "cpus", f"{cpus} CPU(s) for this rank and its {workers} DataLoader worker(s)")
+        return
+    report.add(WARNING, "cpus", f"this process may use {cpus} CPU(s) but runs itself and data.num_workers "
+                                f"{workers} DataLoader worker(s): {needed} processes share {cpus} CPU(s) and the "
+                                f"data may not keep up; lower data.num_workers to {max(cpus - 1, 0)}, or give "
+                                f"each rank {needed} CPUs (SLURM: sbatch --cpus-per-task={needed}, which "
+                                f"launch/slurm/train.sbatch passes on to srun, or VLM_SRUN_ARGS="
+                                f"--cpus-per-task={needed})")
+
+
 def check_files(cfg: Config, report: Report) -> bool:
     """Every configured file and folder exists and looks right (without loading weights). True if all do."""
     m = cfg.model
@@ -346,6 +371,7 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
                                         f"{launcher_world}; the batch check uses {world_size}")
     if cfg.data.train_shards:
         check_batch(cfg, world, report)
+    check_cpus(cfg, report)
     files_ok = check_files(cfg, report)
     counts = None
     if files_ok and load:

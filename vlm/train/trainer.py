@@ -35,7 +35,14 @@ from vlm.train.engine_state import load_checkpoint, needs_universal, save_checkp
 from vlm.train.export_live import export_live
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import DistEnv, normalize_launcher_env
-from vlm.train.metrics import MetricsLog, StepTimer, detect_peak_flops, plot_loss, train_flops_per_token
+from vlm.train.metrics import (
+    MetricsLog,
+    StepTimer,
+    detect_peak_flops,
+    flop_shape,
+    micro_batch_flops,
+    plot_loss,
+)
 from vlm.train.ownership import OutDirLock, claim_out_dir
 from vlm.train.preflight import check_at_startup
 from vlm.train.schedule import scheduler_factory, set_peak_lr
@@ -84,10 +91,7 @@ class Trainer:
         self.step_is_skipped, self.step_batches = False, []  # the optimizer step being accumulated
         self.skipped_steps, self.samples_skipped = 0, Counter()
         self.window: list[StepResult] = []
-        lm_params = sum(p.numel() for n, p in built.model.named_parameters() if not n.startswith("vision_encoder."))
-        mc = built.model.config
-        self.flops_per_token = train_flops_per_token(lm_params, mc.num_hidden_layers, mc.hidden_size,
-                                                     cfg.data.max_seq_len)
+        self.flop_shape = flop_shape(built.model)  # after freezing: trained and frozen weights cost differently
         self.total_steps = total_steps
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -132,7 +136,9 @@ class Trainer:
     def _account(self, batch: dict, result: StepResult, wait: float) -> None:
         self.window.append(result)
         tokens = int(batch["num_tokens"])
-        flops = self.flops_per_token * tokens if result.loss is not None else 0.0
+        rows, row_len = batch["input_ids"].shape  # every position is computed, padding included
+        images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0  # real images, not empty slots
+        flops = micro_batch_flops(self.flop_shape, rows, row_len, images) if result.loss is not None else 0.0
         self.timer.add(wait, tokens, int(batch["num_samples"]), flops)
         if result.skipped_nonfinite:
             self.bad_in_row += 1
