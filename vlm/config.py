@@ -154,6 +154,9 @@ class TrainConfig:
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (null = run all epochs).")
     log_interval: int = _f(100, "Optimizer steps between log lines.")
     save_interval: int = _f(100, "Optimizer steps between checkpoints.")
+    save_interval_minutes: float | None = _f(None, "Also checkpoint once this many minutes passed since the last "
+                                                   "checkpoint (null = by steps only): at GPU speed a step count "
+                                                   "can mean a checkpoint every few seconds.")
     keep_checkpoints: int = _f(3, "Complete checkpoints kept; older ones are deleted.")
     resume: str = _f("auto", "'auto' (newest intact checkpoint in out_dir), 'never', or a checkpoint path.")
     previous_run: str = _f("refuse", "A fresh run in an out_dir with another run's checkpoints: 'refuse' (stop), "
@@ -336,6 +339,8 @@ def _value_problems(cfg: Config) -> list[str]:
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
         (t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}"),
         (t.save_interval >= 1, f"train.save_interval must be >= 1, got {t.save_interval}"),
+        (t.save_interval_minutes is None or t.save_interval_minutes > 0,
+         f"train.save_interval_minutes must be > 0 or null, got {t.save_interval_minutes}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}"),
         (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from vlm.data.collate import pack_collate, pad_collate
 from vlm.formats.constants import IGNORE_INDEX
-from vlm.model.language_model import MiniMindForCausalLM
 from vlm.model.config import MiniMindConfig
+from vlm.model.language_model import MiniMindForCausalLM
 from vlm.train.stepping import model_inputs
 
 

@@ -443,3 +443,16 @@ def test_train_compile_compiles_the_blocks_and_trains_the_same(shards60, tmp_pat
     eager, fast = (step_records(tmp_path / name) for name in ("eager", "compiled"))
     for step in (1, 2, 3):
         assert fast[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4)
+
+
+def test_a_time_based_checkpoint_cadence_and_the_checkpoint_share_is_logged(shards60, tmp_path, launch_env):
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "1000", "--train.keep_checkpoints=10",
+                 "--train.save_interval_minutes", "0.0001") == 0  # 6 ms: due after every step
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_00000000{s}" for s in (1, 2, 3, 4)]
+    records = step_records(out)
+    assert records[1]["checkpoint_s"] == 0.0  # logged before its own checkpoint; that one counts in step 2's line
+    assert all(records[s]["checkpoint_s"] > 0 and 0 < records[s]["checkpoint_share"] < 1 for s in (2, 3, 4))
+    plain = tmp_path / "plain"
+    assert train(shards60, plain, "--max_steps", "4", "--save_interval", "1000", "--train.keep_checkpoints=10") == 0
+    assert sorted(p.name for p in (plain / "checkpoints").glob("step_*")) == ["step_000000004"]

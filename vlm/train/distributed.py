@@ -147,6 +147,14 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return _reduce_flag(flag, device, dist.ReduceOp.MIN)
 
 
+def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """Collective: for each flag, True on every rank if it is True on at least one; one all-reduce for all."""
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    if world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in values.tolist()]
+
+
 def _reduce_flag(flag: bool, device: torch.device, op) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     if world_size() > 1:

@@ -16,10 +16,6 @@ import os
 import signal
 from pathlib import Path
 
-import torch
-
-from vlm.train import distributed
-
 EXIT_CHECKPOINTED_ON_SIGNAL = 75  # EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # In a launcher's command line: the `deepspeed` command, its per-node launcher, torchrun's agent.
@@ -65,7 +61,7 @@ class StopFlag:
     """Remembers a received SIGTERM/SIGUSR1 (`received`: its number) so training stops at a step boundary,
     and the launcher processes above this rank, whose disappearance counts as a stop signal too.
 
-    `install` sets the handlers, `uninstall` restores the previous ones, `agreed` is the cross-rank check.
+    `install` sets the handlers, `uninstall` restores the previous ones, `pending` is this rank's view.
     """
 
     def __init__(self):
@@ -88,7 +84,6 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: True on every rank if any rank received a stop signal or lost its launcher."""
-        gone = any(_proc_start(pid) != start for pid, start in self._launchers)
-        return distributed.any_rank(self.received is not None or gone, device)
+    def pending(self) -> bool:
+        """Whether this rank received a stop signal or lost its launcher (the trainer agrees across ranks)."""
+        return self.received is not None or any(_proc_start(pid) != start for pid, start in self._launchers)

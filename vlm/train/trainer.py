@@ -87,6 +87,7 @@ class Trainer:
         self.stop = StopFlag().install()
         self.bad_in_row = 0
         self.saved_step = self.step  # a resumed run's starting point is already a checkpoint
+        self.last_save_time, self.checkpoint_seconds = time.monotonic(), 0.0
         self.evaluated_step, self.eval_loss = -1, None
         self.step_is_skipped, self.step_batches = False, []  # the optimizer step being accumulated
         self.skipped_steps, self.samples_skipped = 0, Counter()
@@ -173,13 +174,15 @@ class Trainer:
             self._log()
         if t.eval_interval and self.step % t.eval_interval == 0:
             self.evaluate()
-        if self.stop.agreed(self.device):
+        # One all-reduce: a stop signal on any rank, and the time-based cadence by any rank's clock.
+        stop, save_due = distributed.any_rank_each([self.stop.pending(), self._save_due()], self.device)
+        if stop:
             self.save(self.loader.state_dict(consumed))
             if self.is_main:
                 log.warning("stop signal received: checkpointed at step %d; exiting with code %d",
                             self.step, EXIT_CHECKPOINTED_ON_SIGNAL)
             return "signal"
-        if self.step >= self.total_steps or self.step % t.save_interval == 0:
+        if self.step >= self.total_steps or self.step % t.save_interval == 0 or save_due:
             self.save(self.loader.state_dict(consumed))
         return "done" if self.step >= self.total_steps else None
 
@@ -211,7 +214,10 @@ class Trainer:
             **summary, "memory_gb": _memory_gb(self.device),
             "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
             "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
+            # checkpoint writes since the last log line, and their share of that wall time
+            "checkpoint_s": self.checkpoint_seconds, "checkpoint_share": self.checkpoint_seconds / max(elapsed, 1e-9),
         }
+        self.checkpoint_seconds = 0.0
         skipped = self._skipped_totals(int(stats[2]))
         record.update(skipped_steps=skipped["steps"], samples_skipped={"nonfinite_loss": skipped["samples"]})
         self.metrics.write(record)
@@ -260,8 +266,15 @@ class Trainer:
         return {"steps": self.skipped_before["steps"] + self.skipped_steps,
                 "samples": self.skipped_before["samples"] + samples}
 
+    def _save_due(self) -> bool:
+        """Whether train.save_interval_minutes passed since this run's last checkpoint (or its start)."""
+        minutes = self.cfg.train.save_interval_minutes
+        return minutes is not None and time.monotonic() - self.last_save_time >= 60.0 * minutes
+
     def save(self, data_state: dict) -> None:
-        """Collective: a checkpoint of this step with the loader position `data_state`."""
+        """Collective: a checkpoint of this step with the loader position `data_state`; its wall time counts
+        in the next log line's `checkpoint_s` / `checkpoint_share`."""
+        started = time.perf_counter()
         meta = {
             "epoch": data_state.get("epoch", self.loader.epoch), "data_state": data_state,
             "world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
@@ -272,6 +285,8 @@ class Trainer:
         self.saved_step = self.step
         if self.audit is not None:
             self.audit.flush()
+        self.checkpoint_seconds += time.perf_counter() - started
+        self.last_save_time = time.monotonic()
         if self.is_main:
             tqdm.write(f"checkpoint {path}")
 
