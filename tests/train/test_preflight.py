@@ -161,3 +161,15 @@ def test_startup_check_raises_with_every_problem_and_passes_a_good_run(tmp_path,
     with pytest.raises(ConfigError) as caught:
         preflight.check_at_startup(config(tmp_path, batch_size="8", out_dir=str(blocker / "o")), 1, 0)
     assert len(caught.value.problems) == 2 and all(p.startswith("rank 0: ") for p in caught.value.problems)
+
+
+def test_train_compile_without_a_cpp_compiler_is_a_problem(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    cfg.train.compile = True
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
+    (message,) = findings(preflight.run_checks(cfg, SINGLE, load=False), "compile")
+    assert "no C++ compiler" in message and "train.compile: false" in message
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    report = preflight.run_checks(cfg, SINGLE, load=False)
+    assert findings(report, "compile") == [] and findings(report, "compile", preflight.OK)

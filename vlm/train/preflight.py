@@ -9,6 +9,7 @@ Checks, each reported as ok / warning / PROBLEM:
   batch     global batch = batch_size x accumulation_steps x world size; the data gives at least one
             optimizer step; max_steps reachable; DataLoader workers and shards against ranks
   cpus      this process may run on data.num_workers + 1 CPUs (its affinity: srun --cpus-per-task, taskset)
+  compile   with train.compile, a C++ compiler for torch.compile
   files     tokenizer, vision encoder, initial weights, DeepSpeed JSON (leaving batch sizes, optimizer and
             precision to the YAML), eval shards exist, and (with `load`) load:
             the model is built with its starting weights, strictly
@@ -220,6 +221,19 @@ def check_cpus(cfg: Config, report: Report) -> None:
                                 f"--cpus-per-task={needed})")
 
 
+def check_compile(cfg: Config, report: Report) -> None:
+    """train.compile needs a C++ compiler: torch.compile's inductor builds its CPU code (and the GPU kernels'
+    launchers) with one, and without it the run would stop at its first batch."""
+    if not cfg.train.compile:
+        return
+    compiler = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if compiler is None or shutil.which(compiler) is None:
+        report.add(PROBLEM, "compile", "train.compile is on but no C++ compiler was found (c++, g++, clang++ or "
+                                       "$CXX): install one, or set train.compile: false")
+    else:
+        report.add(OK, "compile", f"train.compile: torch.compile with {compiler}")
+
+
 def check_files(cfg: Config, report: Report) -> bool:
     """Every configured file and folder exists and looks right (without loading weights). True if all do."""
     m = cfg.model
@@ -372,6 +386,7 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
     if cfg.data.train_shards:
         check_batch(cfg, world, report)
     check_cpus(cfg, report)
+    check_compile(cfg, report)
     files_ok = check_files(cfg, report)
     counts = None
     if files_ok and load:
