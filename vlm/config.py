@@ -168,7 +168,7 @@ class TrainConfig:
     peak_flops: float | None = _f(None, "Peak FLOP/s per device for MFU; null = auto-detect known GPUs.")
     compile: bool = _f(False, "torch.compile each language-model block and a frozen vision tower (a one-time "
                               "compile, then faster steps; on CPU it needs a C++ compiler).")
-    max_bad_steps: int = _f(5, "Consecutive NaN/Inf losses before the run stops.")
+    max_bad_steps: int = _f(5, "Optimizer steps in a row skipped for a NaN/Inf loss before the run stops.")
     eval_interval: int = _f(0, "Optimizer steps between evaluations; 0 = at the end only.")
     wandb_project: str | None = _f(None, "Log to this Weights & Biases project too (needs wandb installed).")
 

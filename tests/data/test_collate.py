@@ -48,8 +48,8 @@ def test_pad_collate_pads_to_the_longest_rounded_up():
     assert batch["pixel_values"].shape == (3, 2, *SHAPE) and batch["pixel_values"].dtype == torch.uint8
     assert batch["image_mask"].tolist() == [[True, False], [True, True], [False, False]]
     assert (batch["pixel_values"][0, 1] == 0).all() and (batch["pixel_values"][1, 1] == 11).all()
-    assert batch["num_tokens"].item() == 27
-    assert batch["num_label_tokens"].item() == sum(
+    assert batch["num_tokens"] == 27 and isinstance(batch["num_tokens"], int)
+    assert batch["num_label_tokens"] == sum(
         (s["labels"] != IGNORE_INDEX).sum().item() for s in samples
     )
     assert batch["keys"] == ["s0", "s1", "s2"]

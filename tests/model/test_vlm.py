@@ -103,3 +103,25 @@ def test_generate_with_image_and_cache_equals_greedy_full_forward(model):
         next_id = model(input_ids=ids, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_collators_image_index_is_the_checked_layout_and_gives_the_same_logits(model, pack):
+    from vlm.data.collate import pack_collate, pad_collate
+
+    patterns = [[9, "I", 10], [11, 12], [13, "I", 14, "I", 15], [16, "I"]]
+    samples = []
+    for pattern in patterns:
+        ids = torch.tensor(ids_with_images(pattern))
+        n = pattern.count("I")
+        samples.append({"input_ids": ids, "labels": ids.clone(),
+                        "pixel_values": torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8)})
+    batch = pack_collate(samples, 0, max_len=64) if pack else pad_collate(samples, 0)
+    assert batch["num_images"] == 4 == batch["image_index"].numel()
+    torch.testing.assert_close(batch["image_index"], model.image_slots(batch["input_ids"], batch["pixel_values"]))
+    pixels = batch["pixel_values"].float() / 255
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "pixel_values": pixels}
+    with torch.no_grad():
+        checked = model(**inputs).logits
+        trusted = model(**inputs, image_index=batch["image_index"]).logits
+    assert torch.equal(checked, trusted)

@@ -171,7 +171,7 @@ def test_repeated_nan_losses_stop_the_run_with_a_clear_message(synth_shards, tmp
                      "--max_steps", "40")
     result = run([str(BIN / "python"), "launch/train.py", *args])
     assert result.returncode == 1
-    assert "micro-batches in a row had a NaN/Inf loss (train.max_bad_steps=5)" in result.stderr
+    assert "optimizer steps in a row had a NaN/Inf loss (train.max_bad_steps=5)" in result.stderr
     records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["skipped_nonfinite"] for r in records)
     assert all(r["loss"] is None or r["loss"] == r["loss"] for r in records)  # no NaN written

@@ -23,15 +23,19 @@ Batch contract (read by the trainer and the model's composite):
                     its placeholder runs (segment by segment); slots beyond them are zeros. Not normalised:
                     the model takes `vlm.data.image.PixelNormalizer(config)(pixel_values)` (float32; the
                     trainer applies it on its device, so workers ship a quarter of float32's bytes).
-    image_mask      (B, N) bool, True for real images (for inspection and tests: the model finds the real
-                    slots from its placeholder runs itself, and writes their features row-major at
-                    input_ids == image_token_id, the row-major order of the runs).
+    image_mask      (B, N) bool, True for real images (for inspection and tests).
+    image_index     (M,) long, the real images' slots in pixel_values.flatten(0, 1), row-major (the order of
+                    the placeholder runs). The model takes it as the trusted layout: it gathers exactly these
+                    images, with no check of the runs (the text stage guarantees one run per image), so a
+                    training step needs no host-device sync for it. M = num_images.
+    num_images      int, real images (M).
     packed          bool (a Python bool, no tensor): some row holds more than one sample. When False every
                     row is one sample padded on the right, so causal attention without any mask is exact for
                     the real tokens (they never see a later pad; pads carry no label): the trainer then passes
                     no attention_mask and the model takes SDPA's mask-free causal kernels.
-    num_tokens      () long, real (non-padding) tokens, for throughput.
-    num_label_tokens () long, labels that are not -100.
+    num_tokens      int, real (non-padding) tokens, for throughput.
+    num_label_tokens int, labels that are not -100.
+(The counts are Python ints, so reading them never touches a tensor.)
     keys            list[str], only when every sample has `__key__`: keys in row order, segment order.
 
 Packing (`pack=True`) puts the same samples a padded batch would hold into as few rows as first-fit
@@ -149,9 +153,11 @@ def _build(
         "position_ids": positions,
         "pixel_values": pixel_values,
         "image_mask": image_mask,
+        "image_index": image_mask.flatten().nonzero().squeeze(1),
+        "num_images": sum(n_images),
         "packed": any(len(row) > 1 for row in rows),
-        "num_tokens": torch.tensor(sum(lengths)),
-        "num_label_tokens": (labels != IGNORE_INDEX).sum(),
+        "num_tokens": sum(lengths),
+        "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
     }
     if all("__key__" in s for s in samples):
         out["keys"] = [samples[i]["__key__"] for row in rows for i in row]

@@ -278,8 +278,8 @@ class BatchStream(IterableDataset):
         return {"input_ids": rows, "labels": rows.clone(), "attention_mask": rows.clone(),
                 "position_ids": rows.clone(),
                 "pixel_values": torch.zeros((0, 0, *self.image_shape), dtype=torch.uint8),
-                "image_mask": torch.zeros((0, 0), dtype=torch.bool), "num_tokens": torch.tensor(0),
-                "num_label_tokens": torch.tensor(0), "keys": []}
+                "image_mask": torch.zeros((0, 0), dtype=torch.bool), "image_index": torch.zeros(0, dtype=torch.long),
+                "num_images": 0, "packed": False, "num_tokens": 0, "num_label_tokens": 0, "keys": []}
 
 
 def ignore_stop_signals(worker_id: int) -> None:

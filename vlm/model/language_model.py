@@ -8,7 +8,8 @@ Attention mask contract (the data pipeline relies on it): `attention_mask` is an
 (B, T_total), 0 = padding, a positive value = segment id. A token attends causally to the earlier tokens of
 its own segment only, so several samples packed in one row stay isolated; a 0/1 padding mask is the case of
 one segment. Without `position_ids`, positions restart at 0 in every segment (so left padding is not
-counted). A missing or all-ones mask takes SDPA's `is_causal` path and never builds a mask tensor.
+counted). A missing mask (or, outside training, an all-ones one) takes SDPA's `is_causal` path and never
+builds a mask tensor.
 
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8))
     out = model(input_ids, attention_mask=mask, labels=labels)   # out.loss, out.aux_loss, out.logits
@@ -200,7 +201,9 @@ class MiniMindModel(nn.Module):
                 f"attention_mask covers {attention_mask.shape[-1]} tokens but cache + input hold {total}; "
                 "pass the mask for the whole sequence, cached tokens included"
             )
-        if attention_mask is None or bool((attention_mask == 1).all()):
+        # An all-ones mask is plain causal attention; finding that out reads the mask back from the device, so
+        # in training (where the trainer passes a mask only for packed rows) a given mask is used as it is.
+        if attention_mask is None or (not self.training and bool((attention_mask == 1).all())):
             if past == 0 or q_len == 1:
                 return None, slice(past, total)
             attention_mask = torch.ones(1, total, dtype=torch.long, device=self.embed_tokens.weight.device)

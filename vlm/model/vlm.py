@@ -138,19 +138,18 @@ class MiniMindVLM(MiniMindForCausalLM):
                 features = encode_images(encoder, pixel_values)
         return self.vision_proj(features.to(self.vision_proj.vision_proj[0].weight.dtype))
 
-    def merge_image_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor
-    ) -> torch.Tensor:
-        """Write image features over the placeholder tokens.
+    def image_slots(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The real images' slots in pixel_values.flatten(0, 1), row-major: (M,) long.
 
-        input_ids (B, T), inputs_embeds (B, T, D), pixel_values (B, N, 3, H, W). Sample b's k-th placeholder
-        run takes image slot k; slots beyond a sample's runs are padding and are not encoded.
+        input_ids (B, T), pixel_values (B, N, 3, H, W). Sample b's k-th placeholder run takes image slot k;
+        slots beyond a sample's runs are padding. Checks the runs against the slots (reading them back from
+        the device: for inputs nobody checked, e.g. chat; training batches bring `image_index` from the
+        collator instead). Raises ImagePlaceholderError when they do not match.
         """
         if pixel_values.dim() != 5:
             raise ImagePlaceholderError(f"pixel_values must be (batch, images, 3, H, W); got {tuple(pixel_values.shape)}")
         run = self.config.image_token_len
-        is_image = input_ids == self.config.image_token_id  # (B, T)
-        per_sample = is_image.sum(dim=1)  # (B,)
+        per_sample = (input_ids == self.config.image_token_id).sum(dim=1)  # (B,)
         if bool((per_sample % run).any()):
             bad = per_sample.tolist()
             raise ImagePlaceholderError(
@@ -163,12 +162,28 @@ class MiniMindVLM(MiniMindForCausalLM):
             raise ImagePlaceholderError(
                 f"samples hold {images_used.tolist()} image placeholder runs but pixel_values has {slots} image slots"
             )
-        if not bool(is_image.any()):
-            return inputs_embeds
         take = torch.arange(slots, device=input_ids.device)[None, :] < images_used[:, None]  # (B, N)
-        features = self.image_features(pixel_values[take])  # (M, run, D), M = images_used.sum()
-        # Row-major order of `take` and of `is_image` agree: image k of sample b fills sample b's k-th run.
-        return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), features.to(inputs_embeds.dtype))
+        return take.flatten().nonzero().squeeze(1)
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Write image features over the placeholder tokens.
+
+        input_ids (B, T), inputs_embeds (B, T, D), pixel_values (B, N, 3, H, W); `image_index` (M,) long: the
+        real images' slots in pixel_values.flatten(0, 1) in placeholder-run order (`vlm.data.collate` makes
+        it; trusted, not checked), else found and checked by `image_slots`. Image m's features fill the m-th
+        run in row-major order. With `image_index` nothing is read back from the device.
+        """
+        if image_index is None:
+            image_index = self.image_slots(input_ids, pixel_values)
+        if image_index.numel() == 0:
+            return inputs_embeds
+        features = self.image_features(pixel_values.flatten(0, 1)[image_index])  # (M, run, D)
+        is_image = (input_ids == self.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
+        # Row-major order of the slots and of `is_image` agree: image k of sample b fills sample b's k-th run.
+        return inputs_embeds.masked_scatter(is_image, features.to(inputs_embeds.dtype))
 
     def forward(
         self,
@@ -177,20 +192,22 @@ class MiniMindVLM(MiniMindForCausalLM):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         **kwargs,
     ):
         """Causal-LM forward with images; returns `MiniMindOutput` (logits, CE loss with `labels`, aux loss).
 
         input_ids (B, T); pixel_values (B, N, 3, H, W), normalised (`vlm.data.image.PixelNormalizer`):
         their projected features replace the placeholder runs' embeddings (`merge_image_features`, which
-        raises ImagePlaceholderError when runs and images do not match). Given `inputs_embeds` (B, T, D),
+        raises ImagePlaceholderError when runs and images do not match; `image_index` (M,), the collator's
+        trusted image slots, skips that check and its device reads). Given `inputs_embeds` (B, T, D),
         `input_ids` and `pixel_values` are not used. Other keyword arguments (position_ids, cache, use_cache,
         logits_to_keep, ...) go to `MiniMindForCausalLM.forward`.
         """
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (B, T, D)
             if pixel_values is not None:
-                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_index)
         return super().forward(
             input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )

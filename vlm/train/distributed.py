@@ -147,9 +147,10 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return _reduce_flag(flag, device, dist.ReduceOp.MIN)
 
 
-def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
-    """Collective: for each flag, True on every rank if it is True on at least one; one all-reduce for all."""
-    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+def any_rank_each(flags: list[bool] | torch.Tensor, device: torch.device) -> list[bool]:
+    """Collective: for each flag (bools, or a float tensor of 0/1 on `device`), True on every rank if it is
+    True on at least one; one all-reduce for all, one read back."""
+    values = flags if torch.is_tensor(flags) else torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     if world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v > 0) for v in values.tolist()]

@@ -1,11 +1,17 @@
-"""One micro-batch through the engine, and the evaluation loss: the collective-safe parts of the loop.
+"""One micro-batch through the engine, the optimizer step at an accumulation boundary, and the evaluation
+loss: the collective-safe parts of the loop, with no host-device sync between log steps but one per
+optimizer step.
 
-Every rank must make the same DeepSpeed calls in the same order, or a collective waits forever. So a
-micro-batch whose loss is NaN/Inf on ANY rank (agreed by an all-reduce) is replaced on every rank by a
-zero-weight backward through a one-row dummy batch, DeepSpeed's accumulation counters and hooks running as
-usual, and the whole optimizer step it belongs to is skipped: no parameter, optimizer state or schedule
-position changes (the trainer reports the step's samples as skipped). An empty micro-batch (all of its
-samples were bad) takes the zero-weight path without skipping the step.
+Every rank must make the same DeepSpeed calls in the same order, or a collective waits forever. Every
+micro-batch runs forward and backward whatever its loss; whether the loss was finite is kept on the device
+(`nonfinite`, or-ed over the micro-batches of the step). At the accumulation boundary `agree_at_boundary`
+reads it once, together with the trainer's own flags, in a single all-reduce: if any rank saw a NaN/Inf
+loss, the whole optimizer step is skipped on every rank (`distributed.optimizer_step_skipped`): no
+parameter, optimizer state or schedule position changes, and the trainer reports the step's samples as
+skipped. (The NaN gradients of that step are zeroed by DeepSpeed after it, like any step's.) An empty
+micro-batch (all of its samples were bad) takes a zero-weight backward through a one-row dummy batch.
+
+Losses stay on the device as well; the trainer reads them at log steps only.
 
 Loader batches carry uint8 `pixel_values`; `model_inputs` moves them to the device first and normalises
 them there with the `PixelNormalizer` the trainer builds from the encoder's preprocessor config.
@@ -20,16 +26,16 @@ import torch
 from vlm.data.image import PixelNormalizer
 from vlm.train import distributed
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_index")
 
 
 @dataclass
 class StepResult:
-    """What one micro-batch did on this rank: its loss, whether it was skipped for a NaN/Inf loss, and the
-    learning rate of the optimizer step it belongs to (read before the step advances the schedule)."""
+    """What one micro-batch did on this rank: its loss, detached on the device (read at log steps; may be
+    NaN/Inf), or None when it computed nothing; and the learning rate of the optimizer step it belongs to
+    (read before the step advances the schedule)."""
 
-    loss: float | None  # this rank's loss for the micro-batch; None when it contributed nothing
-    skipped_nonfinite: bool
+    loss: torch.Tensor | None
     lr: float = 0.0
 
 
@@ -38,13 +44,15 @@ def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNorma
 
     A batch of right-padded single-sample rows (`packed` False, see `vlm.data.collate`) goes without
     attention_mask and position_ids: plain causal attention, exact for its real tokens, on SDPA's fused
-    kernels (a mask would rule out the flash kernel and build a (B, 1, T, T) tensor).
+    kernels (a mask would rule out the flash kernel and build a (B, 1, T, T) tensor). The collator's
+    `image_index` tells the model which image slots are real, so it reads nothing back from the device.
     """
-    names = MODEL_INPUTS if batch.get("packed", True) else ("input_ids", "labels", "pixel_values")
+    names = MODEL_INPUTS if batch.get("packed", True) else ("input_ids", "labels", "pixel_values", "image_index")
     inputs = {k: batch[k].to(device, non_blocking=True) for k in names if k in batch}
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.shape[1] == 0:  # no image in any row
         inputs.pop("pixel_values")
+        inputs.pop("image_index", None)
     elif pixels is not None:
         inputs["pixel_values"] = normalize_pixels(pixels)  # (B, N, 3, H, W) float32
     return inputs
@@ -56,37 +64,37 @@ def _dummy_inputs(engine, device: torch.device) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _zero_weight_backward(engine, device: torch.device, skip_step: bool) -> None:
-    out = engine(**_dummy_inputs(engine, device))
-    engine.backward(out.logits.float().sum() * 0.0 + out.aux_loss.float() * 0.0)
-    _step(engine, skip_step)
+def run_micro_batch(engine, batch: dict, device: torch.device, normalize_pixels: PixelNormalizer,
+                    nonfinite: torch.Tensor) -> StepResult:
+    """Forward and backward of one micro-batch (no optimizer step: `step_engine` follows).
 
-
-def run_micro_batch(
-    engine, batch: dict, device: torch.device, normalize_pixels: PixelNormalizer, skip_step: bool = False
-) -> StepResult:
-    """Forward, backward and DeepSpeed step for one micro-batch (the step applies at accumulation boundaries).
-
-    `skip_step`: an earlier micro-batch of this optimizer step had a NaN/Inf loss. Then, and when this one
-    has, the step at the boundary changes nothing (`distributed.optimizer_step_skipped`).
+    `nonfinite`: a bool scalar on the device, set in place when this loss is NaN/Inf (never read here).
+    An empty micro-batch (`num_samples` 0) runs a zero-weight backward through a dummy row, so DeepSpeed's
+    hooks and collectives run as on every other rank.
     """
-    lr = float(engine.get_lr()[0])
-    if int(batch["num_samples"]) == 0:
-        distributed.all_ranks(True, device)  # keep the all-reduce sequence identical on every rank
-        _zero_weight_backward(engine, device, skip_step)
-        return StepResult(None, False, lr)
+    lr = float(engine.get_lr()[0])  # the schedule's value: a Python float, no device read
+    if batch["num_samples"] == 0:
+        out = engine(**_dummy_inputs(engine, device))
+        engine.backward(out.logits.float().sum() * 0.0 + out.aux_loss.float() * 0.0)
+        return StepResult(None, lr)
     out = engine(**model_inputs(batch, device, normalize_pixels))
     loss = out.loss.float() + out.aux_loss.float()
-    if not distributed.all_ranks(bool(torch.isfinite(loss).item()), device):
-        del out, loss  # drop the graph with the bad activations
-        _zero_weight_backward(engine, device, skip_step=True)
-        return StepResult(None, True, lr)
+    nonfinite.logical_or_(~torch.isfinite(loss))
     engine.backward(loss)
-    _step(engine, skip_step)
-    return StepResult(float(out.loss.detach()), False, lr)
+    return StepResult(out.loss.detach().float(), lr)
 
 
-def _step(engine, skip: bool) -> None:
+def agree_at_boundary(nonfinite: torch.Tensor, flags: list[bool], device: torch.device) -> list[bool]:
+    """Collective, once per optimizer step: [any rank saw a NaN/Inf loss in this step, *each of `flags` on
+    any rank]; one all-reduce and the step's one read from the device. Resets `nonfinite`."""
+    values = torch.cat([nonfinite.reshape(1).float(), torch.tensor(flags, dtype=torch.float32, device=device)])
+    nonfinite.zero_()
+    return distributed.any_rank_each(values, device)
+
+
+def step_engine(engine, skip: bool = False) -> None:
+    """DeepSpeed's step after every micro-batch (it applies the optimizer at the accumulation boundary); with
+    `skip` the optimizer and the schedule do nothing in it (`distributed.optimizer_step_skipped`)."""
     if skip:
         with distributed.optimizer_step_skipped(engine):
             engine.step()
@@ -99,7 +107,7 @@ def evaluate_loss(
     engine, loader, device: torch.device, normalize_pixels: PixelNormalizer
 ) -> float | None:
     """Token-weighted mean loss over the eval loader, across ranks (ranks with fewer batches run dummies);
-    None when no eval sample could be used on any rank."""
+    None when no eval sample could be used on any rank. Losses are summed on the device, read once."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     batches = iter(loader)
@@ -107,12 +115,13 @@ def evaluate_loss(
         batch = next(batches, None)
         if not distributed.any_rank(batch is not None, device):
             break
-        if batch is None or int(batch["num_samples"]) == 0:
+        if batch is None or batch["num_samples"] == 0:
             engine(**_dummy_inputs(engine, device))  # ZeRO-3 gathers weights collectively in forward
             continue
         out = engine(**model_inputs(batch, device, normalize_pixels))
-        tokens = int(batch["num_label_tokens"])
-        total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64, device=device)
+        tokens = batch["num_label_tokens"]
+        total[0] += out.loss.double() * tokens
+        total[1] += tokens
     distributed.all_reduce_sum(total)
     engine.train()
     return float(total[0] / total[1]) if total[1] > 0 else None

@@ -47,7 +47,7 @@ from vlm.train.ownership import OutDirLock, claim_out_dir
 from vlm.train.preflight import check_at_startup
 from vlm.train.schedule import scheduler_factory, set_peak_lr
 from vlm.train.signals import EXIT_CHECKPOINTED_ON_SIGNAL, StopFlag
-from vlm.train.stepping import StepResult, evaluate_loss, run_micro_batch
+from vlm.train.stepping import StepResult, agree_at_boundary, evaluate_loss, run_micro_batch, step_engine
 
 log = logging.getLogger("vlm.train")
 
@@ -89,9 +89,12 @@ class Trainer:
         self.saved_step = self.step  # a resumed run's starting point is already a checkpoint
         self.last_save_time, self.checkpoint_seconds = time.monotonic(), 0.0
         self.evaluated_step, self.eval_loss = -1, None
-        self.step_is_skipped, self.step_batches = False, []  # the optimizer step being accumulated
+        self.step_batches = []  # the optimizer step being accumulated
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/Inf loss in it (on the device)
+        self.stop_now = self.save_due = False  # agreed across ranks at the last step boundary
         self.skipped_steps, self.samples_skipped = 0, Counter()
         self.window: list[StepResult] = []
+        self.window_skipped = 0
         self.flop_shape = flop_shape(built.model)  # after freezing: trained and frozen weights cost differently
         self.total_steps = total_steps
 
@@ -114,17 +117,21 @@ class Trainer:
         fetch_start = time.perf_counter()
         for batch in self.loader:
             wait = time.perf_counter() - fetch_start
-            result = run_micro_batch(self.engine, batch, self.device, self.normalize_pixels,
-                                     skip_step=self.step_is_skipped)
+            result = run_micro_batch(self.engine, batch, self.device, self.normalize_pixels, self.nonfinite)
             self._account(batch, result, wait)
-            self.step_is_skipped |= result.skipped_nonfinite
-            self.step_batches.append((batch["micro_step"], batch.get("keys", []), int(batch["num_samples"])))
+            self.step_batches.append((batch["micro_step"], batch.get("keys", []), batch["num_samples"]))
             consumed = batch["micro_step"] + 1
             # Step boundaries count from where this run's plan segment starts (a resume may change geometry).
-            if (consumed - self.loader.segment_start) % accumulation == 0:
+            if (consumed - self.loader.segment_start) % accumulation != 0:
+                step_engine(self.engine)
+            else:
+                # The step's one agreement: a NaN/Inf loss on any rank, a stop signal, the time-based cadence.
+                skip, self.stop_now, self.save_due = agree_at_boundary(
+                    self.nonfinite, [self.stop.pending(), self._save_due()], self.device)
+                step_engine(self.engine, skip=skip)
                 self.step += 1
                 bar.update(1)
-                self._close_step()
+                self._close_step(skip)
                 outcome = self._after_step(consumed)
                 if outcome is not None:
                     return outcome
@@ -136,27 +143,19 @@ class Trainer:
 
     def _account(self, batch: dict, result: StepResult, wait: float) -> None:
         self.window.append(result)
-        tokens = int(batch["num_tokens"])
         rows, row_len = batch["input_ids"].shape  # every position is computed, padding included
-        images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0  # real images, not empty slots
-        flops = micro_batch_flops(self.flop_shape, rows, row_len, images) if result.loss is not None else 0.0
-        self.timer.add(wait, tokens, int(batch["num_samples"]), flops)
-        if result.skipped_nonfinite:
-            self.bad_in_row += 1
-            if self.bad_in_row >= self.cfg.train.max_bad_steps:
-                raise TrainingError(
-                    f"{self.bad_in_row} micro-batches in a row had a NaN/Inf loss (train.max_bad_steps="
-                    f"{self.cfg.train.max_bad_steps}); lower train.learning_rate, set train.grad_clip, or check the data"
-                )
-        elif result.loss is not None:
-            self.bad_in_row = 0
+        flops = micro_batch_flops(self.flop_shape, rows, row_len, batch["num_images"]) if result.loss is not None else 0.0
+        self.timer.add(wait, batch["num_tokens"], batch["num_samples"], flops)
 
-    def _close_step(self) -> None:
-        """Account the step just finished: audit lines, and for a skipped step its samples as not trained."""
-        reason = "nonfinite_loss" if self.step_is_skipped else None
+    def _close_step(self, skipped: bool) -> None:
+        """Account the step just finished: audit lines, and for a skipped step its samples as not trained;
+        raises TrainingError after train.max_bad_steps skipped steps in a row."""
+        reason = "nonfinite_loss" if skipped else None
         samples = sum(n for _, _, n in self.step_batches)
+        self.bad_in_row = self.bad_in_row + 1 if skipped else 0
         if reason is not None:
             self.skipped_steps += 1
+            self.window_skipped += 1
             self.samples_skipped[reason] += samples
             if self.is_main:
                 log.warning("step %d skipped: a micro-batch had a NaN/Inf loss; no weight, optimizer state or "
@@ -165,7 +164,12 @@ class Trainer:
         if self.audit is not None:
             for micro_step, keys, _ in self.step_batches:
                 self.audit.record(self.loader.epoch, micro_step, keys, skipped=reason)
-        self.step_is_skipped, self.step_batches = False, []
+        self.step_batches = []
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_in_row} optimizer steps in a row had a NaN/Inf loss (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); lower train.learning_rate, set train.grad_clip, or check the data"
+            )
 
     def _after_step(self, consumed: int) -> str | None:
         """'signal' or 'done' end the epoch loop; None goes on."""
@@ -174,15 +178,13 @@ class Trainer:
             self._log()
         if t.eval_interval and self.step % t.eval_interval == 0:
             self.evaluate()
-        # One all-reduce: a stop signal on any rank, and the time-based cadence by any rank's clock.
-        stop, save_due = distributed.any_rank_each([self.stop.pending(), self._save_due()], self.device)
-        if stop:
+        if self.stop_now:
             self.save(self.loader.state_dict(consumed))
             if self.is_main:
                 log.warning("stop signal received: checkpointed at step %d; exiting with code %d",
                             self.step, EXIT_CHECKPOINTED_ON_SIGNAL)
             return "signal"
-        if self.step >= self.total_steps or self.step % t.save_interval == 0 or save_due:
+        if self.step >= self.total_steps or self.step % t.save_interval == 0 or self.save_due:
             self.save(self.loader.state_dict(consumed))
         return "done" if self.step >= self.total_steps else None
 
@@ -197,10 +199,15 @@ class Trainer:
     # -- logging, eval, checkpoints ------------------------------------------------------------------
     def _log(self) -> None:
         losses = [r.loss for r in self.window if r.loss is not None]
-        # One all-reduce per log line: loss sum, micro-batches with a loss, samples of skipped steps.
-        stats = distributed.all_reduce_sum(torch.tensor(
-            [sum(losses), len(losses), self.samples_skipped["nonfinite_loss"]], dtype=torch.float64,
-            device=self.device))
+        # One all-reduce per log line: finite loss sum, micro-batches with one, samples of skipped steps; the
+        # losses were kept on the device, this is where they are read.
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if losses:
+            stacked = torch.stack(losses).double()
+            finite = torch.isfinite(stacked)
+            stats[0], stats[1] = torch.where(finite, stacked, 0.0).sum(), finite.sum()
+        stats[2] = self.samples_skipped["nonfinite_loss"]
+        distributed.all_reduce_sum(stats)
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else None  # None: every micro-batch was skipped
         summary = self.timer.summary(self.env.world_size, self.peak_flops)
         remaining = self.total_steps - self.step
@@ -213,7 +220,7 @@ class Trainer:
             "grad_norm": float(norm) if norm is not None and math.isfinite(float(norm)) else None,
             **summary, "memory_gb": _memory_gb(self.device),
             "eta_s": remaining * elapsed / steps_in_window, "step_time_s": elapsed / steps_in_window,
-            "skipped_nonfinite": sum(r.skipped_nonfinite for r in self.window),
+            "skipped_nonfinite": self.window_skipped,  # optimizer steps of this window skipped for a NaN/Inf loss
             # checkpoint writes since the last log line, and their share of that wall time
             "checkpoint_s": self.checkpoint_seconds, "checkpoint_share": self.checkpoint_seconds / max(elapsed, 1e-9),
         }
@@ -227,6 +234,7 @@ class Trainer:
                 f"tok/s {record['tokens_per_s']:.0f} data-wait {record['data_wait_share']:.0%}"
             )
         self.window.clear()
+        self.window_skipped = 0
         self.timer.reset()
 
     @property
