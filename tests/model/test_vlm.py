@@ -122,6 +122,12 @@ def test_the_collators_image_index_is_the_checked_layout_and_gives_the_same_logi
     pixels = batch["pixel_values"].float() / 255
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "pixel_values": pixels}
     with torch.no_grad():
-        checked = model(**inputs).logits
-        trusted = model(**inputs, image_index=batch["image_index"]).logits
-    assert torch.equal(checked, trusted)
+        checked = model(**inputs, labels=batch["labels"])
+        trusted = model(**inputs, image_index=batch["image_index"])
+        scored = model(**inputs, image_index=batch["image_index"], loss_index=batch["loss_index"],
+                       loss_targets=batch["loss_targets"])
+    assert torch.equal(checked.logits, trusted.logits)
+    # The head on the scored positions only: the same logits there, the same loss.
+    assert scored.logits.shape == (batch["loss_index"].numel(), checked.logits.shape[-1])
+    torch.testing.assert_close(scored.logits, checked.logits.flatten(0, 1)[batch["loss_index"]])
+    torch.testing.assert_close(scored.loss, checked.loss)

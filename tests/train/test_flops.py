@@ -29,6 +29,8 @@ def test_a_fully_trained_language_model_is_palms_6n_plus_12lht():
     assert micro_batch_flops(shape, rows, row_len, images=0) == 348 * 12 == 4176
     n, layers = 2 * BLOCK + HEAD, 2
     assert micro_batch_flops(shape, rows, row_len, images=0) == (6 * n + 12 * layers * WIDTH * row_len) * rows * row_len
+    # Scoring 5 of the 12 positions runs the head on those 5 only (the trainer's loss_index).
+    assert micro_batch_flops(shape, rows, row_len, images=0, head_positions=5) == 312 * 12 + 36 * 5
 
 
 def test_frozen_parts_and_the_vision_tower_change_the_count_as_the_formula_says():

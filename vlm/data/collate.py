@@ -29,6 +29,10 @@ Batch contract (read by the trainer and the model's composite):
                     images, with no check of the runs (the text stage guarantees one run per image), so a
                     training step needs no host-device sync for it. M = num_images.
     num_images      int, real images (M).
+    loss_index      (K,) long, the positions p = b * T + t of input_ids.flatten() whose next label
+                    labels[b, t + 1] is not -100: the only positions whose logits the loss needs. The trainer
+                    passes it with `loss_targets` (K,) long (those labels), so the output head runs on K rows
+                    instead of B x T (images and prompts are never targets) and no (B, T, vocab) tensor exists.
     packed          bool (a Python bool, no tensor): some row holds more than one sample. When False every
                     row is one sample padded on the right, so causal attention without any mask is exact for
                     the real tokens (they never see a later pad; pads carry no label): the trainer then passes
@@ -154,6 +158,7 @@ def _build(
         "pixel_values": pixel_values,
         "image_mask": image_mask,
         "image_index": image_mask.flatten().nonzero().squeeze(1),
+        **_loss_positions(labels),
         "num_images": sum(n_images),
         "packed": any(len(row) > 1 for row in rows),
         "num_tokens": sum(lengths),
@@ -162,6 +167,15 @@ def _build(
     if all("__key__" in s for s in samples):
         out["keys"] = [samples[i]["__key__"] for row in rows for i in row]
     return out
+
+
+def _loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"loss_index": (K,), "loss_targets": (K,)} of labels (B, T): see the batch contract."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]  # the logit at t scores the label at t + 1
+    flat = targets.flatten()
+    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return {"loss_index": index, "loss_targets": flat[index]}
 
 
 def _image_shape(samples: Sequence[dict]) -> tuple[int, ...]:

@@ -279,6 +279,7 @@ class BatchStream(IterableDataset):
                 "position_ids": rows.clone(),
                 "pixel_values": torch.zeros((0, 0, *self.image_shape), dtype=torch.uint8),
                 "image_mask": torch.zeros((0, 0), dtype=torch.bool), "image_index": torch.zeros(0, dtype=torch.long),
+                "loss_index": torch.zeros(0, dtype=torch.long), "loss_targets": torch.zeros(0, dtype=torch.long),
                 "num_images": 0, "packed": False, "num_tokens": 0, "num_label_tokens": 0, "keys": []}
 
 

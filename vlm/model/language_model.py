@@ -269,10 +269,15 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
+        loss_index: torch.Tensor | None = None,
+        loss_targets: torch.Tensor | None = None,
         **kwargs,
     ) -> MiniMindOutput:
         """Logits, and with `labels` (aligned with the input, shifted here) the mean CE over labels != -100.
 
+        With `loss_index` (K,) long (flat positions b * T + t whose logits are scored) and `loss_targets` (K,)
+        (their next-token labels; `vlm.data.collate` makes both) instead of `labels`: the output head runs on
+        those K rows only, `logits` is (K, vocab) and `loss` their mean CE, the same value as with `labels`.
         `cache` is transformers 5.24's name for the KV cache (what `generate` passes); `past_key_values` is
         accepted as the older name. `use_cache=True` without a cache starts a `DynamicCache`.
         """
@@ -283,6 +288,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         elif use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache)
+        if loss_index is not None:
+            logits = self.lm_head(hidden.flatten(0, 1)[loss_index])  # (K, V)
+            total = F.cross_entropy(logits.float(), loss_targets, reduction="sum")
+            return MiniMindOutput(loss=total / max(loss_index.numel(), 1), aux_loss=aux_loss, logits=logits,
+                                  cache=cache)
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         else:

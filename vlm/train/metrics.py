@@ -87,11 +87,14 @@ class FlopShape:
     vision_trained: bool = False
 
 
-def micro_batch_flops(shape: FlopShape, rows: int, row_len: int, images: int) -> float:
+def micro_batch_flops(shape: FlopShape, rows: int, row_len: int, images: int,
+                      head_positions: int | None = None) -> float:
     """Model FLOPs (a multiply-add is 2) of one micro-batch's forward and backward on this rank.
 
     `rows` x `row_len` is the input_ids tensor (B, T): every position is computed, padding included, so every
-    one is counted; `images` is the number of images the vision tower encodes (real ones, not padding slots).
+    one is counted; `images` is the number of images the vision tower encodes (real ones, not padding slots);
+    `head_positions`: the positions the final norm and output head run on when the trainer scores only those
+    (`loss_index`), else every position.
 
     Per token, a matmul with W weights costs 2W forward (Kaplan et al. 2020, "Scaling Laws for Neural Language
     Models", section 2.1 and table 1), and its backward 2W for the weight gradient when W trains plus 2W for
@@ -110,15 +113,16 @@ def micro_batch_flops(shape: FlopShape, rows: int, row_len: int, images: int) ->
     """
     tokens = rows * row_len
     grad_flows = shape.embedding_trained or (images > 0 and (shape.projector_trained or shape.vision_trained))
-    per_token = 0.0
-    for stage in shape.stages:
+    flops = 0.0
+    for i, stage in enumerate(shape.stages):
         backward = grad_flows or stage.has_trained  # input gradients are computed in this stage
         weights = stage.trained + stage.frozen
-        per_token += 2 * weights + 2 * stage.trained + (2 * weights if backward else 0)
+        per_token = 2 * weights + 2 * stage.trained + (2 * weights if backward else 0)
         if stage.attention:
             per_token += (12 if backward else 4) * shape.attention_width * row_len
+        head = i == len(shape.stages) - 1 and not stage.attention and head_positions is not None
+        flops += per_token * (head_positions if head else tokens)
         grad_flows = backward
-    flops = per_token * tokens
     if images > 0:
         patches, seq = shape.image_tokens, shape.vision_tokens
         flops += 2 * shape.projector * images * patches * (1 + shape.projector_trained + shape.vision_trained)

@@ -26,7 +26,8 @@ import torch
 from vlm.data.image import PixelNormalizer
 from vlm.train import distributed
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_index")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_index", "loss_index",
+                "loss_targets")  # loss_index/loss_targets replace labels: the head runs on scored positions only
 
 
 @dataclass
@@ -45,9 +46,13 @@ def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNorma
     A batch of right-padded single-sample rows (`packed` False, see `vlm.data.collate`) goes without
     attention_mask and position_ids: plain causal attention, exact for its real tokens, on SDPA's fused
     kernels (a mask would rule out the flash kernel and build a (B, 1, T, T) tensor). The collator's
-    `image_index` tells the model which image slots are real, so it reads nothing back from the device.
+    `image_index` tells the model which image slots are real, so it reads nothing back from the device;
+    its `loss_index` / `loss_targets` let the output head run on the scored positions only.
     """
-    names = MODEL_INPUTS if batch.get("packed", True) else ("input_ids", "labels", "pixel_values", "image_index")
+    layout = () if batch.get("packed", True) is False else ("attention_mask", "position_ids")
+    names = [k for k in MODEL_INPUTS if k not in ("attention_mask", "position_ids") or k in layout]
+    if "loss_index" not in batch:
+        names.append("labels")  # a batch from elsewhere: the full logits and the shifted loss
     inputs = {k: batch[k].to(device, non_blocking=True) for k in names if k in batch}
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.shape[1] == 0:  # no image in any row

@@ -144,7 +144,9 @@ class Trainer:
     def _account(self, batch: dict, result: StepResult, wait: float) -> None:
         self.window.append(result)
         rows, row_len = batch["input_ids"].shape  # every position is computed, padding included
-        flops = micro_batch_flops(self.flop_shape, rows, row_len, batch["num_images"]) if result.loss is not None else 0.0
+        scored = batch["loss_index"].numel() if "loss_index" in batch else None  # the head's rows (a shape)
+        flops = (micro_batch_flops(self.flop_shape, rows, row_len, batch["num_images"], scored)
+                 if result.loss is not None else 0.0)
         self.timer.add(wait, batch["num_tokens"], batch["num_samples"], flops)
 
     def _close_step(self, skipped: bool) -> None:
