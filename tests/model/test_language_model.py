@@ -359,3 +359,10 @@ def test_input_errors_name_the_fix():
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="unsupported arguments"):
         model(torch.zeros(1, 4, dtype=torch.long), pixel_values=torch.zeros(1))
+
+
+def test_the_cache_answers_to_both_names_transformers_gave_it():
+    """transformers 5.24 calls the output's cache field `cache`, earlier 5.x (the GPU machine's 5.17)
+    `past_key_values`: the output declares whichever exists and aliases the other."""
+    out = tiny_model()(torch.randint(0, 97, (1, 6)), use_cache=True)
+    assert isinstance(out.cache, DynamicCache) and out.past_key_values is out.cache

@@ -19,7 +19,7 @@ builds a mask tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -212,12 +212,21 @@ class MiniMindModel(nn.Module):
 
 @dataclass
 class MiniMindOutput(MoeCausalLMOutputWithPast):
-    """`loss` (CE only), `aux_loss` (MoE balance loss, add it to the loss yourself), `logits`, `cache`."""
+    """`loss` (CE only), `aux_loss` (MoE balance loss, add it to the loss yourself), `logits`, and the KV
+    cache as both `cache` (transformers 5.24's field) and `past_key_values` (the field before it, and
+    MiniMind's name): whichever the installed transformers declares is the field, the other an alias."""
 
-    @property
-    def past_key_values(self) -> Cache | None:
-        """Older name of `cache` (transformers < 5.24 and MiniMind call it so)."""
-        return self.cache
+
+# transformers 5.24 renamed the output's cache field from past_key_values to cache; support both.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)} else "past_key_values"
+if _CACHE_FIELD == "cache":
+    MiniMindOutput.past_key_values = property(lambda self: self.cache, doc="Older name of `cache`.")
+else:
+    MiniMindOutput.cache = property(lambda self: self.past_key_values, doc="Newer name of `past_key_values`.")
+
+
+def _output(loss, aux_loss, logits, cache) -> MiniMindOutput:
+    return MiniMindOutput(loss=loss, aux_loss=aux_loss, logits=logits, **{_CACHE_FIELD: cache})
 
 
 class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
@@ -291,8 +300,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         if loss_index is not None:
             logits = self.lm_head(hidden.flatten(0, 1)[loss_index])  # (K, V)
             total = F.cross_entropy(logits.float(), loss_targets, reduction="sum")
-            return MiniMindOutput(loss=total / max(loss_index.numel(), 1), aux_loss=aux_loss, logits=logits,
-                                  cache=cache)
+            return _output(total / max(loss_index.numel(), 1), aux_loss, logits, cache)
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         else:
@@ -303,7 +311,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position; call with logits_to_keep=0")
             loss = shifted_cross_entropy(logits, labels)
-        return MiniMindOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=cache)
+        return _output(loss, aux_loss, logits, cache)
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
