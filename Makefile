@@ -10,9 +10,10 @@ SHARDS ?= data/shards
 SHARD_FLAGS ?=
 SYNTH_FLAGS ?=
 DEMO_FLAGS ?=
+GPU_BENCH_WHEELS ?= wheels
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint bench synth-data shard-data demo clean
+.PHONY: help install test lint bench gpu-bench-dry-run gpu-bench-wheels synth-data shard-data demo clean
 
 help: ## List the targets with what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +38,12 @@ bench: install ## Run every benchmark (prints tables; minutes; not part of the t
 	$(PY) tests/bench/shard_bench.py
 	OMP_NUM_THREADS=2 $(PY) tests/bench/loader_bench.py
 	$(PY) tests/bench/train_bench.py
+
+gpu-bench-dry-run: install ## The GPU benchmark's every path on the CPU at tiny sizes (~2 min; tests/bench/README.md)
+	$(PY) tests/bench/gpu_bench.py --dry-run
+
+gpu-bench-wheels: install ## Wheels for tests/bench/gpu_bench.sh on an offline GPU machine, into GPU_BENCH_WHEELS (default wheels/)
+	tests/bench/gpu_bench.sh --build-wheels $(GPU_BENCH_WHEELS)
 
 synth-data: install ## Write the built-in synthetic picture corpus to $(DATASET)/
 	$(PY) -m data_tools.synth --out $(DATASET) $(SYNTH_FLAGS)

@@ -131,3 +131,24 @@ def test_the_collators_image_index_is_the_checked_layout_and_gives_the_same_logi
     assert scored.logits.shape == (batch["loss_index"].numel(), checked.logits.shape[-1])
     torch.testing.assert_close(scored.logits, checked.logits.flatten(0, 1)[batch["loss_index"]])
     torch.testing.assert_close(scored.loss, checked.loss)
+
+
+def test_compiled_blocks_give_eager_results_without_graph_breaks_as_lengths_change(model):
+    """`compile_blocks` (train.compile): each decoder block stays one graph when the row length changes
+    between batches (dynamic padding), and computes what eager does."""
+    import copy
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    compiled = copy.deepcopy(model).train()
+    eager = model.train()
+    assert compiled.compile_blocks() == len(compiled.model.layers) + 1  # the blocks and the frozen tower
+    counters.clear()
+    for length in (24, 40, 56):
+        ids = torch.randint(6, 64, (2, length))
+        torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss,
+                                   atol=1e-5, rtol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])

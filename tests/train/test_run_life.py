@@ -436,10 +436,14 @@ def test_train_compile_compiles_the_blocks_and_trains_the_same(shards60, tmp_pat
         compiled.extend(getattr(b, "_compiled_call_impl", None) is not None for b in trainer.engine.module.model.layers)
         return code
 
+    from torch._dynamo.utils import counters
+
     monkeypatch.setattr(Trainer, "fit", fit_and_look)
     assert train(shards60, tmp_path / "eager", "--max_steps", "3", "--dtype", "float32") == 0
+    counters.clear()
     assert train(shards60, tmp_path / "compiled", "--max_steps", "3", "--dtype", "float32", "--train.compile") == 0
     assert compiled == [False, False, True, True]  # two blocks, eager then compiled
+    assert not counters["graph_break"], dict(counters["graph_break"])  # each block is one graph (dynamic T too)
     eager, fast = (step_records(tmp_path / name) for name in ("eager", "compiled"))
     for step in (1, 2, 3):
         assert fast[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4)

@@ -84,14 +84,14 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x, cos, sin, attn_mask: torch.Tensor | None, cache: Cache | None = None
+        self, x, cos, sin, attn_mask: torch.Tensor | None, cache: Cache | None = None, causal: bool = True
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D): project, rotate q and k, extend the cache, attend, project back.
 
         `cos`/`sin` (B or 1, T, head_dim) are the rotary tables at x's positions; `attn_mask` is a bool
-        (B, 1, T, T_total) mask, True = may attend, or None (see `attend`). With `cache`, this layer's
-        keys and values are appended to it and the queries also attend to the cached tokens
-        (T_total = cached + T).
+        (B, 1, T, T_total) mask, True = may attend, or None (see `attend`, which also takes `causal`). With
+        `cache`, this layer's keys and values are appended to it and the queries also attend to the cached
+        tokens (T_total = cached + T).
         """
         bsz, q_len, _ = x.shape
         q = self.q_proj(x).view(bsz, q_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -100,16 +100,17 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T_total, hd)
-        out = self.attend(q, k, v, attn_mask)
+        out = self.attend(q, k, v, attn_mask, causal)
         return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)))
 
-    def attend(self, q, k, v, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q, k, v, attn_mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
         """q (B, H, Tq, hd), k/v (B, H_kv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, H, Tq, hd).
 
         Query head h reads key/value head h // (H / H_kv) (the order of MiniMind's `repeat_kv`) through SDPA's
-        `enable_gqa`, so K/V are never copied H / H_kv times. A None mask means plain causal attention when
-        Tq > 1 (the model only passes None then when there is no cache prefix) and attend-to-everything for
-        one decoding step.
+        `enable_gqa`, so K/V are never copied H / H_kv times. A None mask means plain causal attention with
+        `causal` (the model passes None then only without a cache prefix) and attend-to-everything without
+        (one decoding step). `causal` is a Python bool the model decides outside the blocks, so a compiled
+        block never compares symbolic shapes for it.
         """
         return F.scaled_dot_product_attention(
             q,
@@ -117,7 +118,7 @@ class Attention(nn.Module):
             v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and q.shape[2] > 1,
+            is_causal=attn_mask is None and causal,
             enable_gqa=self.n_rep > 1,
         )
 
@@ -132,13 +133,14 @@ class MiniMindBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, hidden, cos, sin, attn_mask, cache: Cache | None = None):
+    def forward(self, hidden, cos, sin, attn_mask, cache: Cache | None = None, causal: bool = True):
         """hidden (B, T, D) -> (hidden (B, T, D), aux loss scalar): attention, then the MLP.
 
         Both sublayers are pre-norm and residual. The aux loss is the MoE router's balance loss, or a zero
-        scalar for a dense MLP. `cos`, `sin`, `attn_mask` and `cache` are passed on to `Attention.forward`.
+        scalar for a dense MLP. `cos`, `sin`, `attn_mask`, `cache` and `causal` go on to `Attention.forward`.
         """
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_mask, cache=cache)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_mask, cache=cache,
+                                         causal=causal)
         if isinstance(self.mlp, MoEFeedForward):
             mlp_out, aux_loss = self.mlp(self.post_attention_layernorm(hidden))
         else:
@@ -174,12 +176,13 @@ class MiniMindModel(nn.Module):
         hidden = self.dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         past = cache.get_seq_length() if cache is not None else 0
         attn_mask, positions = self.attention_layout(attention_mask, hidden.shape[1], past)
+        causal = hidden.shape[1] > 1  # decided here, outside the (possibly compiled) blocks
         if position_ids is not None:
             positions = position_ids
         cos, sin = self.rotary(positions)
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            hidden, layer_aux = layer(hidden, cos, sin, attn_mask, cache=cache)
+            hidden, layer_aux = layer(hidden, cos, sin, attn_mask, cache=cache, causal=causal)
             aux_loss = aux_loss + layer_aux
         return self.norm(hidden), aux_loss
 
