@@ -152,3 +152,33 @@ def test_compiled_blocks_give_eager_results_without_graph_breaks_as_lengths_chan
         torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss,
                                    atol=1e-5, rtol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_an_export_writes_a_frozen_tower_as_loaded_not_as_the_run_cast_it(model, tiny_vision_dir, tmp_path):
+    """A bf16 run computes the frozen tower in bf16 (match_vision_dtype); its export keeps the source's fp32."""
+    from safetensors.torch import load_file
+
+    from vlm.model.pretrained import save_vlm_folder
+
+    model.to(torch.bfloat16)
+    assert model.match_vision_dtype() == torch.bfloat16
+    assert next(model.get_vision_encoder().parameters()).dtype == torch.bfloat16
+    folder = save_vlm_folder(model, tmp_path / "export", vision_source=tiny_vision_dir)
+    saved, source = (load_file(f / "model.safetensors") for f in (folder / "vision_model", tiny_vision_dir))
+    assert saved.keys() == source.keys() and all(torch.equal(saved[k], source[k]) for k in source)
+
+
+def test_a_training_batch_without_images_still_runs_the_projector_with_zero_weight(model):
+    """Every rank makes the same collectives whatever its micro-batch holds (ZeRO-3 gathers the projector in
+    its forward): a text-only micro-batch runs the projector on no rows, giving it zero gradients."""
+    calls = []
+    handle = model.vision_proj.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(6, 64, (2, 12))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [1] and all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.vision_proj.parameters())
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    assert calls == [1]  # not outside training

@@ -72,6 +72,8 @@ def test_packed_rows_keep_their_segment_mask_and_equal_the_unpacked_loss(model, 
     assert "attention_mask" in inputs
     packed = loss_of(model, inputs)
     assert sdpa_calls and all(c["mask"] is not None for c in sdpa_calls)
+    # With a mask, K/V are expanded (CUDA's fused kernels take enable_gqa only without one).
+    assert all(not c["gqa"] and c["kv_heads"] == c["q_heads"] == 4 for c in sdpa_calls)
     unpacked = loss_of(model, model_inputs(pad_collate(rows, pad_id=0), torch.device("cpu"), normalize_pixels=None))
     torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=1e-5)
 

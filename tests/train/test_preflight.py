@@ -173,3 +173,8 @@ def test_train_compile_without_a_cpp_compiler_is_a_problem(tmp_path, monkeypatch
     monkeypatch.setattr(preflight.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
     report = preflight.run_checks(cfg, SINGLE, load=False)
     assert findings(report, "compile") == [] and findings(report, "compile", preflight.OK)
+    monkeypatch.setenv("CXX", "ccache g++")  # a launcher word before the compiler
+    assert findings(preflight.run_checks(cfg, SINGLE, load=False), "compile") == []
+    cfg.train.zero_stage = 3
+    (warning,) = findings(preflight.run_checks(cfg, SINGLE, load=False), "compile", preflight.WARNING)
+    assert "ZeRO-3 is untested" in warning

@@ -228,7 +228,7 @@ def nan_loss_at(monkeypatch, micro_batch: int) -> None:
 
     def forward_with_a_nan(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        if kwargs.get("labels") is not None and self.training:
+        if (kwargs.get("labels") is not None or kwargs.get("loss_index") is not None) and self.training:
             calls.append(1)
             if len(calls) == micro_batch:
                 out.loss = out.loss * float("nan")
@@ -460,3 +460,63 @@ def test_a_time_based_checkpoint_cadence_and_the_checkpoint_share_is_logged(shar
     plain = tmp_path / "plain"
     assert train(shards60, plain, "--max_steps", "4", "--save_interval", "1000", "--train.keep_checkpoints=10") == 0
     assert sorted(p.name for p in (plain / "checkpoints").glob("step_*")) == ["step_000000004"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_change_of_precision_resumes(shards60, tmp_path, launch_env, stage):
+    """fp32 -> bf16 changes the optimizer wrapper (master weights appear): the checkpoint goes through the
+    universal folder instead of a direct load that would not fit it."""
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--zero_stage", str(stage), "--dtype", "float32",
+                 "--log_samples") == 0
+    assert train(shards60, out, "--max_steps", "null", "--zero_stage", str(stage), "--dtype", "bfloat16",
+                 "--log_samples", "--train.epochs=1") == 0
+    keys = audited_keys(out)
+    assert len(keys) == 60 and set(keys.values()) == {1}
+    assert (out / "universal" / "step_000000002").is_dir()
+
+
+def test_a_skipped_step_leaves_no_nan_in_deepspeeds_kept_gradient_buffers(shards60, tmp_path, launch_env,
+                                                                         monkeypatch):
+    """ZeRO-3 keeps its flat gradient partitions from step to step: after a skipped NaN step they hold no NaN,
+    and DeepSpeed skips no later step of its own."""
+    import torch
+
+    from vlm.train import stepping, trainer
+
+    nan_loss_at(monkeypatch, 3)
+    seen = []
+
+    def step_and_look(engine, skip=False):
+        stepping.step_engine(engine, skip)
+        flat = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+        if skip and flat is not None:
+            seen.append(bool(torch.isfinite(flat).all()))
+
+    monkeypatch.setattr(trainer, "step_engine", step_and_look)
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "4", "--zero_stage", "3", "--dtype", "float32",
+                 "--accumulation_steps", "2") == 0
+    assert seen == [True]
+    assert step_records(out)[4]["skipped_steps"] == 1  # the NaN step only
+
+
+@pytest.mark.parametrize("stage, then", [(2, 2), (2, 3)])
+def test_a_new_weight_decay_and_betas_apply_after_a_resume(shards60, tmp_path, launch_env, monkeypatch, stage, then):
+    """The checkpoint's optimizer settings do not come back over this run's (direct and universal loads)."""
+    from vlm.train.trainer import Trainer
+
+    seen = {}
+
+    def look(trainer):
+        group = trainer.engine.optimizer.param_groups[0]
+        seen.update(betas=tuple(group["betas"]), weight_decay=group["weight_decay"],
+                    clip=getattr(trainer.engine.optimizer, "clip_grad", None))
+        return 0
+
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--zero_stage", str(stage), "--train.weight_decay=0.01") == 0
+    monkeypatch.setattr(Trainer, "fit", look)
+    assert train(shards60, out, "--max_steps", "4", "--zero_stage", str(then), "--train.weight_decay=0.2",
+                 "--train.betas", "0.8,0.95", "--grad_clip", "0.5") == 0
+    assert seen["betas"] == (0.8, 0.95) and seen["weight_decay"] == 0.2 and seen["clip"] in (0.5, None)

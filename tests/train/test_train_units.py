@@ -209,3 +209,16 @@ def test_after_a_teardown_the_same_process_forms_a_new_group_and_engine(clean_la
         assert distributed.build_engine(model, ds) is not None
         distributed.destroy_distributed()
     assert not torch.distributed.is_initialized()
+
+
+def test_the_adam_step_of_a_converted_checkpoint_is_the_largest_recorded():
+    """DeepSpeed's FusedAdam (GPU) advances only its last parameter's step and leaves the group's at 0."""
+    import torch
+
+    from vlm.train.layout_change import _step_of
+
+    fused = {"state": {0: {"step": 0}, 1: {"step": 0}, 2: {"step": 7}}, "param_groups": [{"step": 0}]}
+    assert float(_step_of(fused)) == 7.0
+    assert float(_step_of({"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{}]})) == 3.0
+    assert float(_step_of({"state": {}, "param_groups": [{}]}, fallback=5)) == 5.0
+    assert float(_step_of({"state": {}, "param_groups": [{}]})) == 0.0

@@ -106,12 +106,18 @@ class Attention(nn.Module):
     def attend(self, q, k, v, attn_mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
         """q (B, H, Tq, hd), k/v (B, H_kv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, H, Tq, hd).
 
-        Query head h reads key/value head h // (H / H_kv) (the order of MiniMind's `repeat_kv`) through SDPA's
-        `enable_gqa`, so K/V are never copied H / H_kv times. A None mask means plain causal attention with
+        Query head h reads key/value head h // (H / H_kv) (the order of MiniMind's `repeat_kv`): without a mask
+        through SDPA's `enable_gqa`, so K/V are not copied H / H_kv times. A None mask means plain causal attention with
         `causal` (the model passes None then only without a cache prefix) and attend-to-everything without
         (one decoding step). `causal` is a Python bool the model decides outside the blocks, so a compiled
         block never compares symbolic shapes for it.
         """
+        gqa = self.n_rep > 1
+        if gqa and attn_mask is not None:
+            # CUDA's flash and memory-efficient kernels take enable_gqa only without a mask: with one (packed
+            # rows, left padding) copying K/V keeps the memory-efficient kernel instead of the math fallback.
+            k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+            gqa = False
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -119,7 +125,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and causal,
-            enable_gqa=self.n_rep > 1,
+            enable_gqa=gqa,
         )
 
 

@@ -37,6 +37,10 @@ def save_vlm_folder(
     VLMConfig.from_dict(config).save_pretrained(folder)
     save_file(minimind_state_dict(model, dtype), folder / WEIGHTS, metadata={"format": "pt"})
     encoder = model.get_vision_encoder()
+    if encoder is not None and vision_source is not None and not model.vision_trainable:
+        # A frozen tower is written as it was loaded, not in the precision the run cast it to (a bf16 run
+        # computes it in bf16; its weights on disk stay the source's).
+        encoder = load_vision_encoder(vision_source)
     if encoder is not None:
         save_vision_encoder(encoder, folder / VISION_SUBFOLDER)
         if vision_source is not None and (Path(vision_source) / "preprocessor_config.json").is_file():

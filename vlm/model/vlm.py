@@ -179,11 +179,27 @@ class MiniMindVLM(MiniMindForCausalLM):
         if image_index is None:
             image_index = self.image_slots(input_ids, pixel_values)
         if image_index.numel() == 0:
-            return inputs_embeds
+            return self.idle_vision(inputs_embeds)
         features = self.image_features(pixel_values.flatten(0, 1)[image_index])  # (M, run, D)
         is_image = (input_ids == self.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
         # Row-major order of the slots and of `is_image` agree: image k of sample b fills sample b's k-th run.
         return inputs_embeds.masked_scatter(is_image, features.to(inputs_embeds.dtype))
+
+    def idle_vision(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """In training, a micro-batch without images still runs the trainable vision parts, with zero weight:
+        the projector on no rows (and a trainable tower on one blank image), so that every rank makes the same
+        collectives (ZeRO-3 gathers those parameters in forward; ZeRO-2 reduces their gradients) whatever its
+        own micro-batch holds. Returns `inputs_embeds` (B, T, D) unchanged in value; a no-op outside training.
+        """
+        if not self.training:
+            return inputs_embeds
+        encoder = self.get_vision_encoder()
+        if self.vision_trainable and encoder is not None:
+            size = encoder.config.image_size
+            features = self.image_features(inputs_embeds.new_zeros(1, 3, size, size))
+        else:
+            features = self.vision_proj(inputs_embeds.new_zeros(0, self.config.vision_hidden_size))
+        return inputs_embeds + features.sum().to(inputs_embeds.dtype) * 0
 
     def forward(
         self,
@@ -208,6 +224,8 @@ class MiniMindVLM(MiniMindForCausalLM):
             inputs_embeds = self.model.embed_tokens(input_ids)  # (B, T, D)
             if pixel_values is not None:
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_index)
+            else:
+                inputs_embeds = self.idle_vision(inputs_embeds)
         return super().forward(
             input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )

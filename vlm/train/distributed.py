@@ -206,6 +206,30 @@ def optimizer_step_skipped(engine) -> Iterator[None]:
                 del obj.step
             else:
                 obj.step = step
+        _clear_persistent_gradients(engine.optimizer)
+
+
+def apply_optimizer_settings(engine, betas: tuple[float, float], weight_decay: float, grad_clip: float) -> None:
+    """Set this run's Adam betas, weight decay and clipping threshold on a restored engine: loading a checkpoint
+    brings back the ones it was written with (DeepSpeed restores the optimizer's param groups, and its universal
+    loader the ZeRO optimizer's clipping threshold too)."""
+    for group in engine.optimizer.param_groups:
+        group["betas"], group["weight_decay"] = tuple(betas), weight_decay
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = grad_clip
+
+
+def _clear_persistent_gradients(optimizer) -> None:
+    """Zero the gradient buffers DeepSpeed keeps from one step to the next: a parameter that gets no gradient
+    in the next step's first micro-batch would otherwise carry the skipped step's NaN on (ZeRO-3's flat
+    gradient partitions, ZeRO-1/2's CPU-offload accumulators). Other layouts drop their gradients themselves."""
+    flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if torch.is_tensor(flat):
+        flat.zero_()
+    accumulated = getattr(optimizer, "accumulated_grads_in_cpu", None)
+    if isinstance(accumulated, dict):
+        for buffer in accumulated.values():
+            buffer.zero_()
 
 
 def _no_step(*args: Any, **kwargs: Any) -> None:

@@ -135,12 +135,14 @@ def _write_error(folder: Path, error: BaseException | None, out_dir: str | Path)
                                 f"{newest}. Free disk space or make {folder.parent} writable, then resume")
 
 
-def needs_universal(meta: dict[str, Any], zero_stage: int, world_size: int) -> bool:
-    """Whether resuming `meta`'s checkpoint under (`zero_stage`, `world_size`) goes through a universal
-    checkpoint (`vlm.train.layout_change`): any change of ZeRO stage, or another world size under ZeRO 1-3.
-    ZeRO-0 keeps the whole optimizer in one file, so a ZeRO-0 checkpoint loads directly on any world size."""
+def needs_universal(meta: dict[str, Any], zero_stage: int, world_size: int, dtype: str | None = None) -> bool:
+    """Whether resuming `meta`'s checkpoint under (`zero_stage`, `world_size`, `dtype`) goes through a universal
+    checkpoint (`vlm.train.layout_change`): any change of ZeRO stage or of precision (another optimizer
+    wrapper: fp32 Adam, bf16/fp16 master weights), or another world size under ZeRO 1-3. ZeRO-0 keeps the
+    whole optimizer in one file, so a ZeRO-0 checkpoint of the same precision loads directly on any world size."""
     saved_stage, saved_world = meta.get("zero_stage", zero_stage), meta.get("world_size", world_size)
-    if saved_stage != zero_stage:
+    saved_dtype = meta.get("config", {}).get("train", {}).get("dtype", dtype)
+    if saved_stage != zero_stage or (dtype is not None and saved_dtype != dtype):
         return True
     return zero_stage > 0 and saved_world != world_size
 

@@ -139,16 +139,13 @@ def _saved_adam_step(checkpoint: Path, zero_stage: int) -> torch.Tensor:
 
 
 def _step_of(torch_state: dict[str, Any], fallback: Any = None) -> torch.Tensor:
-    """The step count of a torch optimizer state dict (per-parameter, or per-group for fused Adams)."""
-    for state in (torch_state.get("state") or {}).values():
-        if "step" in state:
-            return torch.as_tensor(state["step"], dtype=torch.float32).clone()
-    for group in torch_state.get("param_groups") or []:
-        if "step" in group:
-            return torch.tensor(float(group["step"]))
+    """The step count of a torch optimizer state dict: the largest per-parameter or per-group `step` (DeepSpeed's
+    FusedAdam advances only its last parameter's and keeps the group's at 0), else `fallback`, else 0."""
+    steps = [float(state["step"]) for state in (torch_state.get("state") or {}).values() if "step" in state]
+    steps += [float(group["step"]) for group in torch_state.get("param_groups") or [] if "step" in group]
     if fallback is not None:
-        return torch.tensor(float(fallback))
-    return torch.tensor(0.0)  # no step taken yet
+        steps.append(float(fallback))
+    return torch.tensor(max(steps, default=0.0))  # 0: no step taken yet
 
 
 def load_into_zero0(engine, universal: Path, named: Iterable[tuple[str, torch.nn.Parameter]]) -> None:

@@ -222,16 +222,22 @@ def check_cpus(cfg: Config, report: Report) -> None:
 
 
 def check_compile(cfg: Config, report: Report) -> None:
-    """train.compile needs a C++ compiler: torch.compile's inductor builds its CPU code (and the GPU kernels'
-    launchers) with one, and without it the run would stop at its first batch."""
+    """train.compile: on a CPU torch.compile's inductor builds C++ and needs a compiler (without one the run
+    would stop at its first batch); under ZeRO-3 DeepSpeed's parameter hooks run inside the compiled blocks,
+    a combination this project has not tested."""
     if not cfg.train.compile:
         return
-    compiler = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    if compiler is None or shutil.which(compiler) is None:
+    cxx = os.environ.get("CXX", "").split()
+    compiler = cxx[-1] if cxx else next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and (compiler is None or shutil.which(compiler) is None):
         report.add(PROBLEM, "compile", "train.compile is on but no C++ compiler was found (c++, g++, clang++ or "
-                                       "$CXX): install one, or set train.compile: false")
+                                       "$CXX) for torch.compile's CPU code: install one, or set train.compile: false")
     else:
-        report.add(OK, "compile", f"train.compile: torch.compile with {compiler}")
+        report.add(OK, "compile", f"train.compile: torch.compile{f' with {compiler}' if on_cpu else ''}")
+    if cfg.train.zero_stage == 3:
+        report.add(WARNING, "compile", "train.compile with ZeRO-3 is untested here: DeepSpeed gathers parameters "
+                                       "in hooks inside the compiled blocks (expect graph breaks); ZeRO-2 is tested")
 
 
 def check_files(cfg: Config, report: Report) -> bool:

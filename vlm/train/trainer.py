@@ -128,10 +128,14 @@ class Trainer:
                 # The step's one agreement: a NaN/Inf loss on any rank, a stop signal, the time-based cadence.
                 skip, self.stop_now, self.save_due = agree_at_boundary(
                     self.nonfinite, [self.stop.pending(), self._save_due()], self.device)
+                skipped_before = self.engine.skipped_steps  # a Python int: DeepSpeed's own overflow skips
                 step_engine(self.engine, skip=skip)
+                if not skip and self.engine.skipped_steps > skipped_before and self.is_main:
+                    log.warning("step %d: DeepSpeed skipped the optimizer step itself (a non-finite gradient "
+                                "norm, or an fp16 overflow); counted as skipped", self.step + 1)
                 self.step += 1
                 bar.update(1)
-                self._close_step(skip)
+                self._close_step(skip or self.engine.skipped_steps > skipped_before)
                 outcome = self._after_step(consumed)
                 if outcome is not None:
                     return outcome
@@ -160,7 +164,7 @@ class Trainer:
             self.window_skipped += 1
             self.samples_skipped[reason] += samples
             if self.is_main:
-                log.warning("step %d skipped: a micro-batch had a NaN/Inf loss; no weight, optimizer state or "
+                log.warning("step %d skipped: a NaN/Inf loss or gradient; no weight, optimizer state or "
                             "schedule position changed, and its samples were not trained (%d on rank 0)",
                             self.step, samples)
         if self.audit is not None:
@@ -388,15 +392,16 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
         )
     ds_config = build_ds_config(cfg.train, loader.geometry, device.type == "cpu",
                                 str(out_dir / "logs") if env.rank == 0 else None)
-    universal = meta is not None and needs_universal(meta, cfg.train.zero_stage, env.world_size)
+    universal = meta is not None and needs_universal(meta, cfg.train.zero_stage, env.world_size, cfg.train.dtype)
     if universal and cfg.train.zero_stage > 0:  # a ZeRO-0 engine is restored by vlm.train.layout_change
-        ds_config["checkpoint"] = {"load_universal": True}
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
     built.model.match_vision_dtype()  # the frozen tower computes in the engine's precision too
     if cfg.train.compile:
         log.info("train.compile: %d modules compiled at their first batch", built.model.compile_blocks())
     if resume is not None:
         load_checkpoint(engine, resume, universal_root=out_dir / "universal" if universal else None)
+        distributed.apply_optimizer_settings(engine, cfg.train.betas, cfg.train.weight_decay, cfg.train.grad_clip)
         previous = set_peak_lr(engine.lr_scheduler, cfg.train.learning_rate)
         if env.rank == 0 and not math.isclose(previous, cfg.train.learning_rate):
             log.info("train.learning_rate changed on resume: %.3g -> %.3g, from step %d on",
