@@ -69,6 +69,7 @@ def build_universal(checkpoint: Path, zero_stage: int, names: list[str], target:
         step = _saved_adam_step(checkpoint, zero_stage)
         _normalise_params(target / "zero", step)
     param_group["params"] = [0]
+    param_group["step"] = float(step)  # DeepSpeed's FusedAdam (GPU) counts per group; torch's AdamW ignores it
     # A superset of what the ZeRO-1/2 loader (`_load_global_state`, param_groups, per-parameter step.pt) and
     # the ZeRO-3 loader (`optimizer_state_dict`) read.
     global_state.update({
@@ -178,6 +179,9 @@ def load_into_zero0(engine, universal: Path, named: Iterable[tuple[str, torch.nn
                 param.copy_(values["fp32"])
             basic.state[master] = {"step": step.clone(), "exp_avg": values["exp_avg"].to(master),
                                    "exp_avg_sq": values["exp_avg_sq"].to(master)}
+    for group in basic.param_groups:  # DeepSpeed's FusedAdam (GPU) takes its bias correction from the group
+        if "step" in group or type(basic).__name__ == "FusedAdam":
+            group["step"] = float(step)
     states = _load(universal / MODEL_STATES[0])
     if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
