@@ -179,27 +179,26 @@ class MiniMindVLM(MiniMindForCausalLM):
         if image_index is None:
             image_index = self.image_slots(input_ids, pixel_values)
         if image_index.numel() == 0:
-            return self.idle_vision(inputs_embeds)
+            return inputs_embeds
         features = self.image_features(pixel_values.flatten(0, 1)[image_index])  # (M, run, D)
         is_image = (input_ids == self.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
         # Row-major order of the slots and of `is_image` agree: image k of sample b fills sample b's k-th run.
         return inputs_embeds.masked_scatter(is_image, features.to(inputs_embeds.dtype))
 
-    def idle_vision(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """In training, a micro-batch without images still runs the trainable vision parts, with zero weight:
+    def idle_vision(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero scalar (fp32) computed by the trainable vision parts, for a training micro-batch without images:
         the projector on no rows (and a trainable tower on one blank image), so that every rank makes the same
-        collectives (ZeRO-3 gathers those parameters in forward; ZeRO-2 reduces their gradients) whatever its
-        own micro-batch holds. Returns `inputs_embeds` (B, T, D) unchanged in value; a no-op outside training.
+        collectives (ZeRO-3 gathers those parameters in forward and reduces their gradients) whatever its own
+        micro-batch holds. `forward` adds it to `aux_loss`, so their (zero) gradients do not pass through the
+        language model. `like`: any tensor of the batch, for device and dtype.
         """
-        if not self.training:
-            return inputs_embeds
         encoder = self.get_vision_encoder()
         if self.vision_trainable and encoder is not None:
             size = encoder.config.image_size
-            features = self.image_features(inputs_embeds.new_zeros(1, 3, size, size))
+            features = self.image_features(like.new_zeros(1, 3, size, size))
         else:
-            features = self.vision_proj(inputs_embeds.new_zeros(0, self.config.vision_hidden_size))
-        return inputs_embeds + features.sum().to(inputs_embeds.dtype) * 0
+            features = self.vision_proj(like.new_zeros(0, self.config.vision_hidden_size))
+        return features.sum().float() * 0
 
     def forward(
         self,
@@ -216,16 +215,22 @@ class MiniMindVLM(MiniMindForCausalLM):
         input_ids (B, T); pixel_values (B, N, 3, H, W), normalised (`vlm.data.image.PixelNormalizer`):
         their projected features replace the placeholder runs' embeddings (`merge_image_features`, which
         raises ImagePlaceholderError when runs and images do not match; `image_index` (M,), the collator's
-        trusted image slots, skips that check and its device reads). Given `inputs_embeds` (B, T, D),
-        `input_ids` and `pixel_values` are not used. Other keyword arguments (position_ids, cache, use_cache,
-        logits_to_keep, ...) go to `MiniMindForCausalLM.forward`.
+        trusted image slots, skips that check and its device reads). In training, a batch without images adds
+        `idle_vision`'s zero to `aux_loss` (add `aux_loss` to the loss, as the trainer does). Given
+        `inputs_embeds` (B, T, D), `input_ids` and `pixel_values` are not used. Other keyword arguments
+        (position_ids, cache, use_cache, logits_to_keep, loss_index, ...) go to `MiniMindForCausalLM.forward`.
         """
+        images_used = False
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (B, T, D)
             if pixel_values is not None:
+                if image_index is None:
+                    image_index = self.image_slots(input_ids, pixel_values)
+                images_used = image_index.numel() > 0
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_index)
-            else:
-                inputs_embeds = self.idle_vision(inputs_embeds)
-        return super().forward(
+        out = super().forward(
             input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
+        if self.training and not images_used:
+            out.aux_loss = out.aux_loss + self.idle_vision(inputs_embeds)  # zero: see idle_vision
+        return out
