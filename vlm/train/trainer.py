@@ -125,17 +125,8 @@ class Trainer:
             if (consumed - self.loader.segment_start) % accumulation != 0:
                 step_engine(self.engine)
             else:
-                # The step's one agreement: a NaN/Inf loss on any rank, a stop signal, the time-based cadence.
-                skip, self.stop_now, self.save_due = agree_at_boundary(
-                    self.nonfinite, [self.stop.pending(), self._save_due()], self.device)
-                skipped_before = self.engine.skipped_steps  # a Python int: DeepSpeed's own overflow skips
-                step_engine(self.engine, skip=skip)
-                if not skip and self.engine.skipped_steps > skipped_before and self.is_main:
-                    log.warning("step %d: DeepSpeed skipped the optimizer step itself (a non-finite gradient "
-                                "norm, or an fp16 overflow); counted as skipped", self.step + 1)
-                self.step += 1
+                self._optimizer_step()
                 bar.update(1)
-                self._close_step(skip or self.engine.skipped_steps > skipped_before)
                 outcome = self._after_step(consumed)
                 if outcome is not None:
                     return outcome
@@ -144,6 +135,20 @@ class Trainer:
         if self.saved_step != self.step:  # the epoch's end is a checkpoint (unless this step already is one)
             self.save(self.loader.state_dict(0))
         return None
+
+    def _optimizer_step(self) -> None:
+        """Collective, at an accumulation boundary: the step's one agreement (a NaN/Inf loss on any rank, a
+        stop signal, the time-based save cadence), then DeepSpeed's step, skipped on every rank when needed."""
+        skip, self.stop_now, self.save_due = agree_at_boundary(
+            self.nonfinite, [self.stop.pending(), self._save_due()], self.device)
+        skipped_before = self.engine.skipped_steps  # a Python int: DeepSpeed's own overflow skips
+        step_engine(self.engine, skip=skip)
+        skipped_by_deepspeed = not skip and self.engine.skipped_steps > skipped_before
+        if skipped_by_deepspeed and self.is_main:
+            log.warning("step %d: DeepSpeed skipped the optimizer step itself (a non-finite gradient norm, or an "
+                        "fp16 overflow); counted as skipped", self.step + 1)
+        self.step += 1
+        self._close_step(skip or skipped_by_deepspeed)
 
     def _account(self, batch: dict, result: StepResult, wait: float) -> None:
         self.window.append(result)
