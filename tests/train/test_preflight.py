@@ -136,6 +136,15 @@ def test_fewer_cpus_than_workers_plus_one_is_a_warning(tmp_path, monkeypatch):
     report = preflight.run_checks(config(tmp_path, num_workers="1"), SINGLE, load=False)
     assert findings(report, "cpus", preflight.WARNING) == []
     assert findings(report, "cpus", preflight.OK) == ["2 CPU(s) for this rank and its 1 DataLoader worker(s)"]
+    # Eight ranks a launcher started on one node share the CPUs each of them sees (unless srun pinned them).
+    monkeypatch.setattr(preflight.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    local = {**SINGLE, "LOCAL_WORLD_SIZE": "8"}
+    (message,) = findings(preflight.run_checks(config(tmp_path, num_workers="4"), local, load=False), "cpus",
+                          preflight.WARNING)
+    assert "may use 2 CPU(s) (16 seen, shared by 8 ranks on this node)" in message
+    pinned = {**local, "SLURM_STEP_ID": "0"}
+    assert findings(preflight.run_checks(config(tmp_path, num_workers="4"), pinned, load=False), "cpus",
+                    preflight.WARNING) == []
     monkeypatch.delattr(preflight.os, "sched_getaffinity", raising=False)  # macOS and Windows have no affinity
     monkeypatch.setattr(preflight.os, "cpu_count", lambda: 1)
     report = preflight.run_checks(config(tmp_path, num_workers="1"), SINGLE, load=False)

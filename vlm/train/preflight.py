@@ -204,16 +204,22 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def check_cpus(cfg: Config, report: Report) -> None:
-    """This process's CPUs against what a rank runs: itself and data.num_workers DataLoader workers."""
+def check_cpus(cfg: Config, report: Report, env: Mapping[str, str] | None = None) -> None:
+    """This process's CPUs against what a rank runs: itself and data.num_workers DataLoader workers. Ranks that
+    a launcher started side by side on one node (torchrun's LOCAL_WORLD_SIZE, deepspeed's LOCAL_SIZE) without
+    pinning each (srun does: SLURM_STEP_ID) share the CPUs they all see."""
     workers = cfg.data.num_workers
     if workers < 0:
         return  # already a config problem
-    cpus, needed = usable_cpus(), workers + 1
+    env = os.environ if env is None else env
+    local = 1 if "SLURM_STEP_ID" in env else int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    visible = usable_cpus()
+    cpus, needed = max(visible // max(local, 1), 1), workers + 1
+    shared = f" ({visible} seen, shared by {local} ranks on this node)" if local > 1 else ""
     if cpus >= needed:
-        report.add(OK, "cpus", f"{cpus} CPU(s) for this rank and its {workers} DataLoader worker(s)")
+        report.add(OK, "cpus", f"{cpus} CPU(s){shared} for this rank and its {workers} DataLoader worker(s)")
         return
-    report.add(WARNING, "cpus", f"this process may use {cpus} CPU(s) but runs itself and data.num_workers "
+    report.add(WARNING, "cpus", f"this process may use {cpus} CPU(s){shared} but runs itself and data.num_workers "
                                 f"{workers} DataLoader worker(s): {needed} processes share {cpus} CPU(s) and the "
                                 f"data may not keep up; lower data.num_workers to {max(cpus - 1, 0)}, or give "
                                 f"each rank {needed} CPUs (SLURM: sbatch --cpus-per-task={needed}, which "
@@ -391,7 +397,7 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
                                         f"{launcher_world}; the batch check uses {world_size}")
     if cfg.data.train_shards:
         check_batch(cfg, world, report)
-    check_cpus(cfg, report)
+    check_cpus(cfg, report, env)
     check_compile(cfg, report)
     files_ok = check_files(cfg, report)
     counts = None
