@@ -151,7 +151,7 @@ def load_checkpoint(engine, checkpoint: Path, universal_root: Path | None = None
     """Collective: restore model, optimizer, scheduler and (same world size) this rank's RNG; return meta.
 
     With `universal_root` (this run's out_dir/universal) the checkpoint is first converted there to a
-    universal checkpoint (another world size or ZeRO stage, see `needs_universal`), which DeepSpeed loads into
+    universal checkpoint (another world size, ZeRO stage or precision: `needs_universal`), which DeepSpeed loads into
     a ZeRO-1/2/3 engine (`"checkpoint": {"load_universal": true}` in its config) and
     `layout_change.load_into_zero0` into a ZeRO-0 one. Raises CheckpointError when it cannot be loaded.
     """
