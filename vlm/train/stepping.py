@@ -49,10 +49,9 @@ def model_inputs(batch: dict, device: torch.device, normalize_pixels: PixelNorma
     `image_index` tells the model which image slots are real, so it reads nothing back from the device;
     its `loss_index` / `loss_targets` let the output head run on the scored positions only.
     """
-    layout = () if batch.get("packed", True) is False else ("attention_mask", "position_ids")
-    names = [k for k in MODEL_INPUTS if k not in ("attention_mask", "position_ids") or k in layout]
-    if "loss_index" not in batch:
-        names.append("labels")  # a batch from elsewhere: the full logits and the shifted loss
+    names = MODEL_INPUTS if "loss_index" in batch else (*MODEL_INPUTS, "labels")  # labels: a batch from elsewhere
+    if not batch.get("packed", True):  # right-padded single-sample rows: causal attention needs no mask
+        names = [k for k in names if k not in ("attention_mask", "position_ids")]
     inputs = {k: batch[k].to(device, non_blocking=True) for k in names if k in batch}
     pixels = inputs.get("pixel_values")
     if pixels is not None and pixels.shape[1] == 0:  # no image in any row
