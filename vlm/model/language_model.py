@@ -9,7 +9,10 @@ Attention mask contract (the data pipeline relies on it): `attention_mask` is an
 its own segment only, so several samples packed in one row stay isolated; a 0/1 padding mask is the case of
 one segment. Without `position_ids`, positions restart at 0 in every segment (so left padding is not
 counted). A missing mask (or, outside training, an all-ones one) takes SDPA's `is_causal` path and never
-builds a mask tensor.
+builds a mask tensor. Rows with several segments (packed rows) use a dense (B, 1, T, T) bool mask, or, once
+`MiniMindModel.packed_attention` is "flex" (`MiniMindVLM.compile_blocks` sets it) and the platform runs it
+(CUDA; on CPU PyTorch has no FlexAttention backward, so only without gradients), a FlexAttention block mask
+that skips the blocks two samples do not share and never materialises the square.
 
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8))
     out = model(input_ids, attention_mask=mask, labels=labels)   # out.loss, out.aux_loss, out.logits
@@ -31,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from vlm.formats.constants import IGNORE_INDEX
+from vlm.model import flex
 from vlm.model.config import MiniMindConfig
 from vlm.model.moe import FeedForward, MoEFeedForward, MoEGate
 from vlm.model.rope import RotaryEmbedding, apply_rotary
@@ -111,8 +115,12 @@ class Attention(nn.Module):
         `causal` (the model passes None then only without a cache prefix) and attend-to-everything without
         (one decoding step). `causal` is a Python bool the model decides outside the blocks, so a compiled
         block never compares symbolic shapes for it.
+        A `flex.BlockMask` (packed rows, see the module docstring) goes to FlexAttention, which reads K/V
+        heads by the same mapping without copies.
         """
         gqa = self.n_rep > 1
+        if flex.is_block_mask(attn_mask):
+            return flex.attend(q, k, v, attn_mask, gqa)
         if gqa and attn_mask is not None:
             # CUDA's flash and memory-efficient kernels take enable_gqa only without a mask: with one (packed
             # rows, left padding) copying K/V keeps the memory-efficient kernel instead of the math fallback.
@@ -165,6 +173,7 @@ class MiniMindModel(nn.Module):
         self.layers = nn.ModuleList(MiniMindBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.packed_attention = "dense"  # or "flex": see the module docstring
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None):
         """Embed, run the layers, norm: returns (hidden (B, T, D), aux loss summed over layers).
@@ -193,7 +202,9 @@ class MiniMindModel(nn.Module):
         return self.norm(hidden), aux_loss
 
     def attention_layout(self, attention_mask, q_len: int, past: int):
-        """(mask (B, 1, Tq, T_total) bool or None, positions: slice or (B, Tq) tensor) for this call."""
+        """(mask, positions) for this call: the mask is None (plain causal), a bool (B, 1, Tq, T_total) tensor,
+        or a `flex.BlockMask` (packed rows without a cache, `packed_attention` "flex", the platform able);
+        positions a slice or a (B, Tq) tensor."""
         total = past + q_len
         if total > self.config.max_position_embeddings:
             raise ValueError(
@@ -216,6 +227,10 @@ class MiniMindModel(nn.Module):
             if past == 0 or q_len == 1:
                 return None, slice(past, total)
             attention_mask = torch.ones(1, total, dtype=torch.long, device=self.embed_tokens.weight.device)
+        if past == 0 and self.packed_attention == "flex" and flex.usable(
+            attention_mask.device, self.config.dropout if self.training else 0.0
+        ):
+            return flex.segment_block_mask(attention_mask), flex.segment_positions(attention_mask)
         return segment_attention(attention_mask, q_len)
 
 

@@ -116,7 +116,8 @@ class MiniMindVLM(MiniMindForCausalLM):
 
         Per block rather than the whole model: one small graph compiled once serves every layer, shapes that
         change between batches (dynamic padding) recompile small graphs, and DeepSpeed's hooks around the
-        model stay outside the compiled code.
+        model stay outside the compiled code. Packed rows then attend through FlexAttention where the
+        platform runs it (`vlm.model.flex`: its kernel is fused only under compile).
         """
         modules = list(self.model.layers)
         frozen = self.__dict__.get("_frozen_vision_encoder")
@@ -124,6 +125,7 @@ class MiniMindVLM(MiniMindForCausalLM):
             modules.append(frozen)
         for module in modules:
             module.compile(**compile_kwargs)
+        self.model.packed_attention = "flex"
         return len(modules)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
