@@ -158,6 +158,10 @@ class TrainConfig:
                                                    "checkpoint (null = by steps only): at GPU speed a step count "
                                                    "can mean a checkpoint every few seconds.")
     keep_checkpoints: int = _f(3, "Complete checkpoints kept; older ones are deleted.")
+    async_checkpoint: bool = _f(False, "Write checkpoints in the background with DeepSpeed's decoupled writer (a "
+                                       "process per rank): training goes on while the files are written, and the "
+                                       "checkpoint is complete at the next optimizer step. ZeRO-3 only (what "
+                                       "DeepSpeed 0.19's writer supports).")
     resume: str = _f("auto", "'auto' (newest intact checkpoint in out_dir), 'never', or a checkpoint path.")
     previous_run: str = _f("refuse", "A fresh run in an out_dir with another run's checkpoints: 'refuse' (stop), "
                                      "or 'move' (its outputs go to out_dir/previous-<time>/).")
@@ -342,6 +346,9 @@ def _value_problems(cfg: Config) -> list[str]:
         (t.save_interval_minutes is None or t.save_interval_minutes > 0,
          f"train.save_interval_minutes must be > 0 or null, got {t.save_interval_minutes}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (not t.async_checkpoint or t.zero_stage == 3,
+         f"train.async_checkpoint needs train.zero_stage 3 (DeepSpeed's decoupled writer fails under ZeRO-0/1/2); "
+         f"got zero_stage {t.zero_stage}: set zero_stage 3 or async_checkpoint false"),
         (t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}"),
         (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {t.betas}"),

@@ -98,7 +98,7 @@ def memory_table(total_params: int, largest_layer: int) -> list[tuple]:
 HARNESS = REPO.parent / "shared" / "bench-reference"
 
 
-def side_by_side(mmv: Path, harness: Path, work: Path, rounds: int, steps: int) -> None:
+def side_by_side(mmv: Path, harness: Path, work: Path, rounds: int, steps: int, extra: tuple[str, ...] = ()) -> None:
     """MiniMind-V's step next to ours (see the module docstring); prints one table."""
     py = sys.executable
     work.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def side_by_side(mmv: Path, harness: Path, work: Path, rounds: int, steps: int) 
                 "--model.tokenizer", str(tok), "--model.image_placeholder", "@", "--model.vocab_size", "6400",
                 "--train.stage", "sft", "--train.trainable", "projector+lm", "--data.batching", batching,
                 "--data.num_workers", "1", "--learning_rate", "1e-4", "--train.resume", "never",
-                "--train.previous_run", "move"]
+                "--train.previous_run", "move", *extra]
         env = dict(os.environ, DS_ACCELERATOR="cpu")
         result = subprocess.run([py, "launch/train.py", "--config", "launch/configs/debug.yaml", *args], cwd=REPO,
                                 env=env, capture_output=True, text=True)
@@ -155,8 +155,8 @@ def side_by_side(mmv: Path, harness: Path, work: Path, rounds: int, steps: int) 
     def med(dtype: str, kind: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[(dtype, kind)])
 
-    print(f"MiniMind-V 623a130 train_epoch vs ours (1 process, ZeRO-2), SFT, batch 2, seq 640, ViT-B/16 geometry; "
-          f"medians of {rounds} interleaved rounds x {steps} steps")
+    print(f"MiniMind-V 623a130 train_epoch vs ours (1 process, ZeRO-2{', ' + ' '.join(extra) if extra else ''}), SFT, "
+          f"batch 2, seq 640, ViT-B/16 geometry; medians of {rounds} interleaved rounds x {steps} steps")
     print("| dtype | MiniMind-V s/step | ours padded to 640 s/step | tok/s ratio (equal padding) | ours dynamic "
           "s/step | useful tok/s: MiniMind-V | ours dynamic | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -178,13 +178,17 @@ def main(argv=None) -> int:
     parser.add_argument("--harness", type=Path, default=HARNESS, help="the reference harness (bench-reference)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="keep corpus and CLIP here between runs")
+    parser.add_argument("--ours", nargs="*", default=[], metavar="FLAG",
+                        help="with --vs-minimind: more flags for our runs, e.g. --ours --train.compile")
     args = parser.parse_args(argv)
     if args.vs_minimind is not None:
         if args.work is not None:
-            side_by_side(args.vs_minimind.resolve(), args.harness.resolve(), args.work.resolve(), args.rounds, args.steps)
+            side_by_side(args.vs_minimind.resolve(), args.harness.resolve(), args.work.resolve(), args.rounds, args.steps,
+                         tuple(args.ours))
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                side_by_side(args.vs_minimind.resolve(), args.harness.resolve(), Path(tmp), args.rounds, args.steps)
+                side_by_side(args.vs_minimind.resolve(), args.harness.resolve(), Path(tmp), args.rounds, args.steps,
+                             tuple(args.ours))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -520,3 +520,80 @@ def test_a_new_weight_decay_and_betas_apply_after_a_resume(shards60, tmp_path, l
     assert train(shards60, out, "--max_steps", "4", "--zero_stage", str(then), "--train.weight_decay=0.2",
                  "--train.betas", "0.8,0.95", "--grad_clip", "0.5") == 0
     assert seen["betas"] == (0.8, 0.95) and seen["weight_decay"] == 0.2 and seen["clip"] in (0.5, None)
+
+
+def test_the_background_checkpoint_writer_saves_what_the_step_had_and_publishes_it_a_step_later(
+        shards60, tmp_path, launch_env, monkeypatch):
+    """train.async_checkpoint (DeepSpeed's decoupled writer, ZeRO-3): the training goes on while the files are
+    written, yet they hold exactly the saved step's state (a synchronous run's files), the checkpoint becomes
+    complete (meta.json) only at the next optimizer step or the run's end, and it resumes like any other."""
+    import torch
+
+    from vlm.train.trainer import Trainer
+
+    save, published_on_return = Trainer.save, []
+
+    def save_and_look(trainer, data_state, wait=False):
+        save(trainer, data_state, wait)
+        published_on_return.append((trainer.step, (trainer.out_dir / "checkpoints" / f"step_{trainer.step:09d}" /
+                                                   "meta.json").is_file()))
+
+    monkeypatch.setattr(Trainer, "save", save_and_look)
+    common = ("--max_steps", "4", "--save_interval", "2", "--zero_stage", "3", "--dtype", "float32")
+    background, plain, resumed = tmp_path / "background", tmp_path / "plain", tmp_path / "resumed"
+    assert train(shards60, background, *common, "--train.async_checkpoint") == 0
+    assert published_on_return == [(2, False), (4, False)]  # step 2 at step 3, step 4 at the run's end
+    assert train(shards60, plain, *common) == 0
+    assert published_on_return[2:] == [(2, True), (4, True)]
+
+    def states(checkpoint: Path) -> tuple:
+        """(schedule, ZeRO-3 optimizer state: fp32 master partitions, Adam moments and step count)."""
+        model = torch.load(next(checkpoint.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+        optim = torch.load(next(checkpoint.glob("*optim_states.pt")), map_location="cpu", weights_only=False)
+        optim = optim["optimizer_state_dict"]
+        assert optim["fp32_flat_groups"][0].numel() > 1000  # the master weights themselves
+        return model["lr_scheduler"], optim["fp32_flat_groups"], optim["optimizer_state_dict"]
+
+    for step in ("step_000000002", "step_000000004"):
+        got, want = (states(out / "checkpoints" / step) for out in (background, plain))
+        assert _same(got, want), step
+        assert json.loads((background / "checkpoints" / step / "meta.json").read_text())["files"]
+    assert train(shards60, resumed, *common, "--train.async_checkpoint", "--resume",
+                 str(background / "checkpoints" / "step_000000002")) == 0
+    assert _same(states(resumed / "checkpoints" / "step_000000004"),
+                 states(plain / "checkpoints" / "step_000000004"))
+
+
+def test_the_background_checkpoint_writer_outside_zero_3_is_refused_with_what_to_change(shards60, tmp_path,
+                                                                                      launch_env, capsys):
+    assert train(shards60, tmp_path / "o", "--train.async_checkpoint", "--zero_stage", "2") != 0
+    err = capsys.readouterr().err
+    assert "train.async_checkpoint needs train.zero_stage 3" in err and "Traceback" not in err
+
+
+def test_a_rank_killed_with_sigkill_leaves_no_checkpoint_writer_behind(shards60, tmp_path):
+    """DeepSpeed's background writer blocks on a queue it holds open itself; it dies with its rank."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.launching import REPO, cpu_env
+
+    trainer = subprocess.Popen(
+        [sys.executable, "launch/train.py", "--config", "launch/configs/debug.yaml", "--train_shards", str(shards60),
+         "--out_dir", str(tmp_path / "o"), "--epochs", "1000", "--max_steps", "null", "--zero_stage", "3",
+         "--train.async_checkpoint", "--save_interval", "1"],
+        cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, writers = time.time() + 120, []
+        while not writers or not list((tmp_path / "o").glob("checkpoints/step_*/meta.json")):
+            assert trainer.poll() is None and time.time() < deadline, "no checkpoint was written in background"
+            writers = [p for p in psutil.Process(trainer.pid).children() if "multiprocessing" in " ".join(p.cmdline())]
+            time.sleep(0.2)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    gone, alive = psutil.wait_procs(writers, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -291,6 +292,11 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+# Workers fork where the platform can, whatever start method a library set for the process since (DeepSpeed's
+# background checkpoint writer sets "spawn", which would re-import everything in every worker each epoch).
+WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 class _Loader:
     """What both loaders share: a DataLoader over a BatchStream, and the bad-sample monitor."""
 
@@ -301,7 +307,7 @@ class _Loader:
         # batch_size=None: the dataset yields whole micro-batches; DataLoader only runs and orders the workers.
         workers = self.settings.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.settings.pin_memory,
-                            persistent_workers=False,
+                            persistent_workers=False, multiprocessing_context=WORKER_START if workers else None,
                             prefetch_factor=self.settings.prefetch_factor if workers else None,
                             worker_init_fn=ignore_stop_signals)
         for batch in loader:

@@ -115,6 +115,11 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_scheduler
     # number of ranks: for plain data parallelism (no tensor/pipeline parallel patterns) just the version.
     if getattr(model, UNIVERSAL_CHECKPOINT_INFO, None) is None:
         setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    if ds_config.get("checkpoint", {}).get("writer", {}).get("decoupled"):
+        # DeepSpeed's background writer must be a fresh process: it wants "spawn" but keeps whatever start
+        # method is already fixed, and a forked writer inherits every open file (out_dir's lock) and cannot
+        # use CUDA. (The data loader's workers name their own start method.)
+        torch.multiprocessing.set_start_method("spawn", force=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                            lr_scheduler=lr_scheduler)
     return engine
@@ -234,6 +239,52 @@ def _clear_persistent_gradients(optimizer) -> None:
 
 def _no_step(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+# -- DeepSpeed's decoupled checkpoint writer (train.async_checkpoint) ------------------------------------------
+def writes_checkpoints_in_background(engine) -> bool:
+    """Whether `engine.save_checkpoint` only hands the files to DeepSpeed's decoupled writer (a process per
+    rank), so that they are on disk only after `commit_checkpoint`."""
+    return engine.checkpoint_engine.is_decoupled()
+
+
+def commit_checkpoint(engine) -> None:
+    """Wait until this rank's background writer has written every file of the pending checkpoint (a no-op
+    without one). DeepSpeed would do it at the next optimizer step; done here, the caller sees the error.
+    Raises RuntimeError when the writer process died or took longer than DeepSpeed's timeout (300 s)."""
+    if writes_checkpoints_in_background(engine):
+        engine._commit_decoupled_checkpoint()
+
+
+@contextlib.contextmanager
+def plain_checkpoint_reader(engine) -> Iterator[None]:
+    """Inside the block the engine reads checkpoints with DeepSpeed's plain torch engine: the decoupled one's
+    `load` (DeepSpeed 0.19) calls `torch.load` with PyTorch's weights-only default, which refuses DeepSpeed's
+    own ZeRO-3 files."""
+    if not writes_checkpoints_in_background(engine):
+        yield
+        return
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    writer = engine.checkpoint_engine
+    engine.checkpoint_engine = TorchCheckpointEngine()
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = writer
+
+
+@contextlib.contextmanager
+def closing_checkpoint_writer(engine) -> Iterator[None]:
+    """Stop the background writer process (if any) when the block ends, however it ends: a process never told
+    to stop keeps the interpreter from exiting. A checkpoint the block left unfinished (`commit_checkpoint`
+    was not called, e.g. after an error) is abandoned: finishing it could wait on ranks that are gone."""
+    try:
+        yield
+    finally:
+        if writes_checkpoints_in_background(engine):
+            engine.checkpoint_engine.commit_info = None
+            engine.checkpoint_engine.cleanup()
 
 
 # -- ZeRO-3 and checkpoints --------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, on_cpu: bool,
     }
     if train_cfg.grad_clip > 0:
         ds["gradient_clipping"] = train_cfg.grad_clip
+    if train_cfg.async_checkpoint:  # the plain Python file writer: DeepSpeed's fast one needs its async I/O op
+        ds.setdefault("checkpoint", {})["writer"] = {"type": "PYTHON", "decoupled": True}
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves, every log_interval steps
     if monitor_dir is not None:
         ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}

@@ -1,8 +1,10 @@
 """Saving and restoring a DeepSpeed engine's training state in the checkpoint folders of `vlm.train.checkpoint`.
 
-Collective: every rank calls `save_checkpoint` and `load_checkpoint`. Model, optimizer and schedule are
-DeepSpeed's files; every rank's RNG state goes to rng/rank{r}.pt|json; rank 0 writes meta.json last, after
-a barrier, which makes the checkpoint complete. A checkpoint written on another number of ranks is loaded
+Collective: every rank calls `save_checkpoint` (or `start_checkpoint`, then `finish_checkpoint`) and
+`load_checkpoint`. Model, optimizer and schedule are DeepSpeed's files; every rank's RNG state goes to
+rng/rank{r}.pt|json; rank 0 writes meta.json last, once every rank's files are on disk, which makes the
+checkpoint complete. With DeepSpeed's background writer (train.async_checkpoint) that is when the writer
+processes are done, so a run killed before then resumes from the checkpoint before. A checkpoint written on another number of ranks is loaded
 through DeepSpeed's universal checkpoint, converted once beside it.
 """
 
@@ -13,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +60,28 @@ class CheckpointWriteError(CheckpointError):
 EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
 
 
-def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder once it is complete and published.
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose files are written, or being written by DeepSpeed's background writer
+    (train.async_checkpoint), and not yet published: `finish_checkpoint` makes it complete."""
 
-    meta.json also records every file's size (so a damaged checkpoint is recognised on resume); older
-    checkpoints of the same run (`meta["run_id"]`) beyond `keep` are pruned, never another run's. Raises
-    CheckpointWriteError on every rank when any rank could not write its part.
-    """
+    folder: Path
+    out_dir: Path
+    step: int
+    meta: dict[str, Any]
+    keep: int
+
+
+def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder once it is complete and published
+    (`start_checkpoint`, then `finish_checkpoint`)."""
+    return finish_checkpoint(engine, start_checkpoint(engine, out_dir, step, meta, keep))
+
+
+def start_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> PendingCheckpoint:
+    """Collective: write this step's checkpoint files (DeepSpeed's, and every rank's RNG state); with the
+    background writer DeepSpeed's files are only handed over. Raises CheckpointWriteError on every rank when
+    any rank could not write its part, or has no room for one more checkpoint the size of the last."""
     root = checkpoint_root(out_dir)
     tag = tag_for(step)
     rank = distributed.rank()
@@ -85,21 +103,38 @@ def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any]
         write_json_atomic(rng_dir / f"rank{rank}.json", plain)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         error = err
-    # Every rank's files are on disk (or some rank failed) before the checkpoint is declared complete.
     if distributed.any_rank(error is not None, engine.device):
         raise _write_error(root / tag, error, out_dir)
-    if rank == 0:
+    return PendingCheckpoint(root / tag, Path(out_dir), step, meta, keep)
+
+
+def finish_checkpoint(engine, pending: PendingCheckpoint) -> Path:
+    """Collective: wait for the background writer (if any) on every rank, then rank 0 publishes the checkpoint:
+    meta.json (with every file's size, so a damaged checkpoint is recognised on resume) and `latest`, and
+    prunes this run's (`meta["run_id"]`) older checkpoints beyond `keep`, never another run's. Returns the
+    folder. Raises CheckpointWriteError on every rank when any rank's files could not be written."""
+    folder, out_dir = pending.folder, pending.out_dir
+    error = None
+    try:
+        distributed.commit_checkpoint(engine)
+    except (OSError, RuntimeError) as err:  # the writer process died, or timed out
+        error = err
+    # Every rank's files are on disk (or some rank failed) before the checkpoint is declared complete.
+    if distributed.any_rank(error is not None, engine.device):
+        raise _write_error(folder, error, out_dir)
+    if distributed.rank() == 0:
         try:
-            write_json_atomic(root / tag / META, {**meta, "step": step, "tag": tag, "saved_at": time.time(),
-                                                   "files": file_sizes(root / tag)})
-            (root / ".latest.tmp").write_text(tag)
+            write_json_atomic(folder / META, {**pending.meta, "step": pending.step, "tag": folder.name,
+                                              "saved_at": time.time(), "files": file_sizes(folder)})
+            root = folder.parent
+            (root / ".latest.tmp").write_text(folder.name)
             os.replace(root / ".latest.tmp", root / "latest")
-            prune_checkpoints(out_dir, keep, meta.get("run_id"), root / tag)
+            prune_checkpoints(out_dir, pending.keep, pending.meta.get("run_id"), folder)
         except (OSError, CheckpointError) as err:
             error = err
     if distributed.any_rank(error is not None, engine.device):
-        raise _write_error(root / tag, error, out_dir)
-    return root / tag
+        raise _write_error(folder, error, out_dir)
+    return folder
 
 
 def _short_of_space(root: Path, out_dir: str | Path) -> OSError | None:
@@ -156,6 +191,20 @@ def load_checkpoint(engine, checkpoint: Path, universal_root: Path | None = None
     `layout_change.load_into_zero0` into a ZeRO-0 one. Raises CheckpointError when it cannot be loaded.
     """
     meta = read_meta(checkpoint)
+    with distributed.plain_checkpoint_reader(engine):
+        path = _load_engine(engine, checkpoint, meta, universal_root)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {checkpoint}")
+    rank = distributed.rank()
+    rng = checkpoint / "rng"
+    if meta.get("world_size") == distributed.world_size() and (rng / f"rank{rank}.pt").is_file():
+        tensors = torch.load(rng / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        _set_rng_state(tensors, json.loads((rng / f"rank{rank}.json").read_text()))
+    return meta
+
+
+def _load_engine(engine, checkpoint: Path, meta: dict[str, Any], universal_root: Path | None):
+    """DeepSpeed's part of `load_checkpoint`: the loaded path, or None when DeepSpeed found nothing."""
     if universal_root is None:
         path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=True)
     else:
@@ -167,14 +216,7 @@ def load_checkpoint(engine, checkpoint: Path, universal_root: Path | None = None
             path = folder
         else:
             path, _ = engine.load_checkpoint(str(universal_root), tag=None, load_module_strict=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {checkpoint}")
-    rank = distributed.rank()
-    rng = checkpoint / "rng"
-    if meta.get("world_size") == distributed.world_size() and (rng / f"rank{rank}.pt").is_file():
-        tensors = torch.load(rng / f"rank{rank}.pt", map_location="cpu", weights_only=True)
-        _set_rng_state(tensors, json.loads((rng / f"rank{rank}.json").read_text()))
-    return meta
+    return path
 
 
 def universal_checkpoint(checkpoint: Path, meta: dict[str, Any], names: list[str], target_root: Path,

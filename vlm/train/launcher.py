@@ -62,8 +62,22 @@ def normalize_launcher_env(env: dict[str, str] | None = None, local_rank_flag: i
         env.setdefault("MASTER_PORT", str(slurm_job_port(int(env["SLURM_JOB_ID"]))))  # as train.sbatch
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
+    nodes, node_rank = _node_layout(env)
+    env.setdefault("CROSS_SIZE", str(nodes))  # what the `deepspeed` launcher sets and DeepSpeed's checkpoint
+    env.setdefault("CROSS_RANK", str(node_rank))  # writer reads: the number of nodes and this node's index
     env["VLM_LAUNCHER"] = f"{os.getpid()}:{launcher}"
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), launcher)
+
+
+def _node_layout(env: dict[str, str]) -> tuple[int, int]:
+    """(number of nodes, this node's index) from SLURM's or torchrun's/Open MPI's per-node sizes; (1, 0) when
+    the launcher does not tell."""
+    if env.get("SLURM_NNODES", "").isdigit() and env.get("SLURM_NODEID", "").isdigit():
+        return int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"])
+    per_node = env.get("LOCAL_WORLD_SIZE") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or ""
+    if per_node.isdigit() and int(per_node) > 0:
+        return max(int(env["WORLD_SIZE"]) // int(per_node), 1), int(env["RANK"]) // int(per_node)
+    return 1, 0
 
 
 def slurm_job_port(job_id: int) -> int:

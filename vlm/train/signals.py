@@ -87,3 +87,20 @@ class StopFlag:
     def pending(self) -> bool:
         """Whether this rank received a stop signal or lost its launcher (the trainer agrees across ranks)."""
         return self.received is not None or any(_proc_start(pid) != start for pid, start in self._launchers)
+
+
+def die_with_parent() -> None:
+    """In a helper process (DeepSpeed's background checkpoint writer): be killed when the process that started
+    it dies, however it dies (Linux `PR_SET_PDEATHSIG`; elsewhere a no-op). Without it a rank killed with
+    SIGKILL leaves its writer blocked on a queue that only it still holds open, forever."""
+    import ctypes
+    import ctypes.util
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)

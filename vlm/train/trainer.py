@@ -31,7 +31,7 @@ from vlm.train import distributed
 from vlm.train.audit import SampleAudit, truncate_audit
 from vlm.train.checkpoint import CheckpointError, abandon_newer, read_meta, resolve_resume, resume_problems
 from vlm.train.ds_config import build_ds_config
-from vlm.train.engine_state import load_checkpoint, needs_universal, save_checkpoint
+from vlm.train.engine_state import finish_checkpoint, load_checkpoint, needs_universal, start_checkpoint
 from vlm.train.export_live import export_live
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import DistEnv, normalize_launcher_env
@@ -88,6 +88,7 @@ class Trainer:
         self.bad_in_row = 0
         self.saved_step = self.step  # a resumed run's starting point is already a checkpoint
         self.last_save_time, self.checkpoint_seconds = time.monotonic(), 0.0
+        self.pending = None  # a checkpoint the background writer is still writing (train.async_checkpoint)
         self.evaluated_step, self.eval_loss = -1, None
         self.step_batches = []  # the optimizer step being accumulated
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/Inf loss in it (on the device)
@@ -106,6 +107,7 @@ class Trainer:
             while self.loader.epoch < self.cfg.train.epochs and self.step < self.total_steps:
                 if self._run_epoch(bar) == "signal":
                     return EXIT_CHECKPOINTED_ON_SIGNAL
+            self._publish()
             self._finish()
             return 0
         finally:
@@ -141,6 +143,7 @@ class Trainer:
         stop signal, the time-based save cadence), then DeepSpeed's step, skipped on every rank when needed."""
         skip, self.stop_now, self.save_due = agree_at_boundary(
             self.nonfinite, [self.stop.pending(), self._save_due()], self.device)
+        self._publish()  # the background writer had this step's forward and backward to finish
         skipped_before = self.engine.skipped_steps  # a Python int: DeepSpeed's own overflow skips
         step_engine(self.engine, skip=skip)
         skipped_by_deepspeed = not skip and self.engine.skipped_steps > skipped_before
@@ -190,7 +193,7 @@ class Trainer:
         if t.eval_interval and self.step % t.eval_interval == 0:
             self.evaluate()
         if self.stop_now:
-            self.save(self.loader.state_dict(consumed))
+            self.save(self.loader.state_dict(consumed), wait=True)
             if self.is_main:
                 log.warning("stop signal received: checkpointed at step %d; exiting with code %d",
                             self.step, EXIT_CHECKPOINTED_ON_SIGNAL)
@@ -290,9 +293,11 @@ class Trainer:
         minutes = self.cfg.train.save_interval_minutes
         return minutes is not None and time.monotonic() - self.last_save_time >= 60.0 * minutes
 
-    def save(self, data_state: dict) -> None:
-        """Collective: a checkpoint of this step with the loader position `data_state`; its wall time counts
-        in the next log line's `checkpoint_s` / `checkpoint_share`."""
+    def save(self, data_state: dict, wait: bool = False) -> None:
+        """Collective: a checkpoint of this step with the loader position `data_state`, complete on return
+        unless DeepSpeed's background writer writes it (train.async_checkpoint, and not `wait`): then it is
+        published (`_publish`) at the next optimizer step or when the run ends. The wall time this loop spends
+        on it counts in the next log line's `checkpoint_s` / `checkpoint_share`."""
         started = time.perf_counter()
         meta = {
             "epoch": data_state.get("epoch", self.loader.epoch), "data_state": data_state,
@@ -300,12 +305,24 @@ class Trainer:
             "config": self.cfg.to_dict(), "total_steps": self.total_steps, "run_id": self.run_id,
             "skipped": self._skipped_totals(),
         }
-        path = save_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
-        self.saved_step = self.step
+        self._publish()
         if self.audit is not None:
-            self.audit.flush()
+            self.audit.flush()  # the audit lines of every step up to this checkpoint are on disk before it
+        self.pending = start_checkpoint(self.engine, self.out_dir, self.step, meta, self.cfg.train.keep_checkpoints)
+        self.saved_step = self.step
         self.checkpoint_seconds += time.perf_counter() - started
         self.last_save_time = time.monotonic()
+        if wait or not distributed.writes_checkpoints_in_background(self.engine):
+            self._publish()
+
+    def _publish(self) -> None:
+        """Collective: make the pending checkpoint complete (`finish_checkpoint`); a no-op without one."""
+        if self.pending is None:
+            return
+        started = time.perf_counter()
+        path = finish_checkpoint(self.engine, self.pending)
+        self.pending = None
+        self.checkpoint_seconds += time.perf_counter() - started
         if self.is_main:
             tqdm.write(f"checkpoint {path}")
 
@@ -401,23 +418,24 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     if universal and cfg.train.zero_stage > 0:  # a ZeRO-0 engine is restored by vlm.train.layout_change
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine = distributed.build_engine(built.model, ds_config, scheduler_factory(cfg.train, total))
-    built.model.match_vision_dtype()  # the frozen tower computes in the engine's precision too
-    if cfg.train.compile:
-        log.info("train.compile: %d modules compiled at their first batch", built.model.compile_blocks())
-    if resume is not None:
-        load_checkpoint(engine, resume, universal_root=out_dir / "universal" if universal else None)
-        distributed.apply_optimizer_settings(engine, cfg.train.betas, cfg.train.weight_decay, cfg.train.grad_clip)
-        previous = set_peak_lr(engine.lr_scheduler, cfg.train.learning_rate)
-        if env.rank == 0 and not math.isclose(previous, cfg.train.learning_rate):
-            log.info("train.learning_rate changed on resume: %.3g -> %.3g, from step %d on",
-                     previous, cfg.train.learning_rate, done + 1)
-        if cfg.data.log_samples:
-            distributed.on_rank0(lambda: truncate_audit(out_dir, meta["data_state"]), device, "align the audit")
-    if env.rank == 0:
-        _print_header(cfg, env, counts, loader, resume, total)
-    distributed.barrier()
-    start = {"step": done, "run_id": run_id, "skipped": meta.get("skipped") if meta is not None else None}
-    return Trainer(cfg, built, engine, loader, eval_loader, env, device, start, total).fit()
+    with distributed.closing_checkpoint_writer(engine):
+        built.model.match_vision_dtype()  # the frozen tower computes in the engine's precision too
+        if cfg.train.compile:
+            log.info("train.compile: %d modules compiled at their first batch", built.model.compile_blocks())
+        if resume is not None:
+            load_checkpoint(engine, resume, universal_root=out_dir / "universal" if universal else None)
+            distributed.apply_optimizer_settings(engine, cfg.train.betas, cfg.train.weight_decay, cfg.train.grad_clip)
+            previous = set_peak_lr(engine.lr_scheduler, cfg.train.learning_rate)
+            if env.rank == 0 and not math.isclose(previous, cfg.train.learning_rate):
+                log.info("train.learning_rate changed on resume: %.3g -> %.3g, from step %d on",
+                         previous, cfg.train.learning_rate, done + 1)
+            if cfg.data.log_samples:
+                distributed.on_rank0(lambda: truncate_audit(out_dir, meta["data_state"]), device, "align the audit")
+        if env.rank == 0:
+            _print_header(cfg, env, counts, loader, resume, total)
+        distributed.barrier()
+        start = {"step": done, "run_id": run_id, "skipped": meta.get("skipped") if meta is not None else None}
+        return Trainer(cfg, built, engine, loader, eval_loader, env, device, start, total).fit()
 
 
 def _inside(checkpoint: Path, out_dir: Path) -> bool:
