@@ -178,8 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--harness", type=Path, default=HARNESS, help="the reference harness (bench-reference)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="keep corpus and CLIP here between runs")
-    parser.add_argument("--ours", nargs="*", default=[], metavar="FLAG",
-                        help="with --vs-minimind: more flags for our runs, e.g. --ours --train.compile")
+    parser.add_argument("--ours", action="append", default=[], metavar="FLAG",
+                        help="with --vs-minimind: one more flag for our runs (repeatable), e.g. --ours=--train.compile")
     args = parser.parse_args(argv)
     if args.vs_minimind is not None:
         if args.work is not None:
