@@ -25,6 +25,22 @@ def tiny_vision_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory):
+    """A tiny random SigLIP vision tower (32 px, patch 8 = 16 image tokens, no CLS, width 32) and SigLIP's image
+    processor (exact 32 x 32 resize, mean/std 0.5), saved with save_pretrained like a downloaded folder."""
+    import torch
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    folder = tmp_path_factory.mktemp("tiny_siglip")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2)).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory):
     """A small synthetic corpus (data_tools.synth) sharded by data_tools.shard: {split: shard folder}."""
     from data_tools import shard, synth

@@ -106,3 +106,16 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "bad.png cannot be used" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         chat.main(["--checkpoint", str(tiny[0]), "--temperature", "-1"])
+
+
+def test_a_model_with_a_siglip_tower_answers_about_a_picture(tmp_path, tiny_siglip_dir):
+    """SigLIP (no CLS: all 16 output tokens are image tokens; its own resize and normalisation) end to end:
+    export, load, chat."""
+    loaded = load_model(save_tiny_vlm(tiny_siglip_dir, tmp_path)[0])
+    assert type(loaded.model.get_vision_encoder()).__name__ == "SiglipVisionModel"
+    assert loaded.image_token_len == 16 and loaded.preprocess.config.output_shape == (3, 32, 32)
+    assert loaded.preprocess.config.mean == (0.5, 0.5, 0.5)
+    conversation = chat.Conversation(loaded, [picture(RED)], GenerationSettings(max_new_tokens=4))
+    pieces = []
+    reply = conversation.ask("What colour?", pieces.append)
+    assert pieces and "".join(pieces) == reply

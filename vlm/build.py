@@ -73,12 +73,15 @@ def resolve_vision_folder(cfg: Config) -> Path:
 def model_config(cfg: Config, tokenizer, image_token_id: int, vision_config) -> VLMConfig:
     """The model's config: the YAML's architecture fields as they are, plus what the tokenizer and the
     vision tower decide (vocabulary, placeholder id, image tokens per picture, special token ids)."""
+    drop = None if cfg.model.vision_cls == "drop" else 0  # None: every token before the patches
     return VLMConfig(
         **cfg.model.architecture(),
         vocab_size=cfg.model.vocab_size or len(tokenizer),
         image_token_id=image_token_id,
-        image_token_len=num_image_tokens(vision_config),
+        image_token_len=num_image_tokens(vision_config, drop),
         vision_hidden_size=vision_config.hidden_size,
+        vision_feature_layer=cfg.model.vision_feature_layer,
+        vision_drop_leading=drop,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

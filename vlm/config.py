@@ -66,9 +66,13 @@ class ModelConfig:
         None, "Placeholder token repeated once per image token; null = the tokenizer's <|image|>, '@' for MiniMind's."
     )
     vision_model: str = _f(
-        "model/vision_model", f"CLIP vision folder, or '{BUILTIN_TINY_VISION}' for the random-init tiny encoder."
+        "model/vision_model", f"CLIP or SigLIP vision folder, or '{BUILTIN_TINY_VISION}' for the random-init tiny encoder."
     )
     vision_trainable: bool = _f(False, "Train the vision encoder too (needed when it starts from random init).")
+    vision_feature_layer: int = _f(-1, "The tower's layer whose output becomes the image tokens: -1 = its output "
+                                       "(last_hidden_state, MiniMind-V's), -2 = the second to last layer (LLaVA's).")
+    vision_cls: str = _f("drop", "'drop' the tokens before the patches (CLIP's CLS; SigLIP has none) or 'keep' "
+                                 "them as image tokens.")
     init_weights: str | None = _f(
         None, "Starting weights: a MiniMind(-V) .pth, or a checkpoint/export folder of an earlier stage."
     )
@@ -360,6 +364,7 @@ def _value_problems(cfg: Config) -> list[str]:
         (d.train_weights is None or len(d.train_weights) == len(d.train_shards),
          f"data.train_weights has {len(d.train_weights or [])} entries for {len(d.train_shards)} train_shards"),
         (d.max_pixels >= 1, f"data.max_pixels must be >= 1, got {d.max_pixels}"),
+        (m.vision_cls in ("drop", "keep"), f"model.vision_cls must be 'drop' or 'keep', got {m.vision_cls!r}"),
     ]
     return [message for ok, message in checks if not ok] + architecture_problems(m.architecture(), "model.")
 

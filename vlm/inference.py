@@ -92,7 +92,8 @@ class LoadedVLM:
         return self.preprocess.normalizer(self.raw_pixels(images))
 
     def raw_pixels(self, images: Sequence[Any]) -> torch.Tensor:
-        """Encoded bytes or PIL images -> (N, 3, H, W) uint8, resized and cropped (the training loader's form)."""
+        """Encoded bytes or PIL images -> (N, 3, H, W) uint8, resized (and cropped) as the tower wants (the training
+        loader's form)."""
         if not images:
             return torch.zeros((0, *self.preprocess.config.output_shape), dtype=torch.uint8)
         return torch.stack([self.preprocess.pixels(image) for image in images])
@@ -149,7 +150,7 @@ def load_model(checkpoint: str | Path, tokenizer: str | None = None, vision_mode
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Flags for loading any checkpoint kind, plus device, dtype and the pixel limit (eval and chat)."""
     p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, or the built-in one)")
-    p.add_argument("--vision_model", help="CLIP vision folder (needed with a .pth checkpoint)")
+    p.add_argument("--vision_model", help="CLIP or SigLIP vision folder (needed with a .pth checkpoint)")
     p.add_argument("--dim", type=int, default=512, help=".pth only: hidden size the weights were trained with")
     p.add_argument("--n_layers", type=int, default=8, help=".pth only: number of layers")
     p.add_argument("--use_moe", choices=("true", "false"), default="false", help=".pth only: MoE layers")

@@ -24,9 +24,9 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
         load_vision_encoder(tmp_path)
 
 
-def test_non_clip_folder_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model"}))
-    with pytest.raises(VisionEncoderError, match="siglip_vision_model"):
+def test_a_folder_of_another_kind_of_model_is_refused_naming_what_was_found_and_what_works(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))  # SigLIP2 naflex
+    with pytest.raises(VisionEncoderError, match=r"holds a 'siglip2' model.*'clip'.*'siglip_vision_model'"):
         load_vision_encoder(tmp_path)
 
 
@@ -61,3 +61,53 @@ def test_incomplete_weights_are_an_error(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(VisionEncoderError, match="incomplete"):
         load_vision_encoder(tmp_path)
+
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2)
+
+
+def _siglip_folders(tmp_path):
+    """A tiny random SigLIP vision tower alone and inside a whole SigLIP model, saved with save_pretrained."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    alone = SiglipVisionModel(SiglipVisionConfig(**TINY)).eval()
+    alone.save_pretrained(tmp_path / "alone")
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    whole = SiglipModel(SiglipConfig(text_config=text, vision_config=TINY)).eval()
+    whole.save_pretrained(tmp_path / "whole")
+    return (tmp_path / "alone", alone), (tmp_path / "whole", whole.vision_model)
+
+
+def test_siglip_towers_load_alone_or_from_a_whole_model_and_keep_every_token(tmp_path):
+    """SigLIP has no CLS: every one of its (32 / 8)^2 = 16 output tokens is an image token."""
+    pixels = torch.randn(2, 3, 32, 32)
+    for folder, reference in _siglip_folders(tmp_path):
+        encoder = load_vision_encoder(folder)
+        assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+        assert num_image_tokens(encoder.config) == 16
+        with torch.no_grad():
+            got, want = encode_images(encoder, pixels), reference(pixel_values=pixels).last_hidden_state
+        assert got.shape == (2, 16, 32)
+        torch.testing.assert_close(got, want)
+
+
+def test_the_feature_layer_and_keeping_clips_cls(tmp_path):
+    """feature_layer -2 is the second to last layer's output (LLaVA's choice); drop_leading=0 keeps CLIP's CLS
+    first, making one more image token."""
+    from vlm.model.vision_encoder import build_vision_encoder, read_vision_config
+
+    (folder, _), _ = _siglip_folders(tmp_path)
+    siglip = load_vision_encoder(folder)
+    clip = CLIPVisionModel(tiny_vision_config(**TINY)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for encoder, lead in ((siglip, 0), (clip, 1)):
+            states = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states  # embeddings + 2 layers
+            torch.testing.assert_close(encode_images(encoder, pixels, feature_layer=-2), states[1][:, lead:])
+            assert not torch.equal(encode_images(encoder, pixels, feature_layer=-2), encode_images(encoder, pixels))
+        kept = encode_images(clip, pixels, drop_leading=0)
+        torch.testing.assert_close(kept, clip(pixel_values=pixels).last_hidden_state)
+    assert num_image_tokens(clip.config, drop_leading=0) == kept.shape[1] == 17
+    assert type(build_vision_encoder(read_vision_config(folder))).__name__ == "SiglipVisionModel"

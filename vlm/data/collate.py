@@ -6,7 +6,7 @@
 Sample contract (what the text and image stages produce, one dict per record):
     input_ids     (L,) long, L <= max_len; each image is a run of image_token_len placeholder ids
     labels        (L,) long, IGNORE_INDEX (-100) where no loss is taken
-    pixel_values  (n, 3, H, W) uint8, resized and centre-cropped but not normalised
+    pixel_values  (n, 3, H, W) uint8, resized to the tower's size but not normalised
                   (`ImagePreprocessor.pixels`), one per placeholder run in order; (0, 3, H, W) for text-only
     __key__       str, optional: the sample's shard key, passed through for the audit log
 
@@ -198,7 +198,7 @@ def _image_shape(samples: Sequence[dict]) -> tuple[int, ...]:
             )
         shapes.add(tuple(s["pixel_values"].shape[1:]))
     if len(shapes) != 1:
-        raise ValueError(f"samples' images differ in shape {sorted(shapes)}; preprocess with a centre crop")
+        raise ValueError(f"samples' images differ in shape {sorted(shapes)}; preprocess to one size (a centre crop, or SigLIP's fixed size)")
     return shapes.pop()
 
 

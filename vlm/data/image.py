@@ -1,17 +1,23 @@
-"""Image stage: decode under a pixel limit, then CLIP preprocessing without `CLIPImageProcessor`'s overhead.
+"""Image stage: decode under a pixel limit, then CLIP or SigLIP preprocessing without HF's per-call overhead.
 
     from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor, PixelNormalizer
     preprocess = ImagePreprocessor(ImagePreprocessConfig.from_folder("model/vision_model"))
-    pixels = preprocess(jpeg_bytes)          # (3, 224, 224) float32, or raises BadSample
-    raw = preprocess.pixels(jpeg_bytes)      # (3, 224, 224) uint8: resized and cropped, not yet normalised
+    pixels = preprocess(jpeg_bytes)          # (3, H, W) float32 (e.g. 3 x 224 x 224), or raises BadSample
+    raw = preprocess.pixels(jpeg_bytes)      # (3, H, W) uint8: resized (and cropped), not yet normalised
     pixels = PixelNormalizer(preprocess.config)(raw.to(device))   # == preprocess(jpeg_bytes), bit for bit
 
-The output matches `transformers.CLIPImageProcessor` (PIL backend, the same PIL calls): alpha composited
-onto white, shortest side resized to `shortest_edge` with the long side truncated by `int()`, centre crop
-(zero-padded when the crop is larger than the resized image), rescale, normalise. EXIF orientation is not
-applied, as CLIPImageProcessor does not apply it either. The speed comes from skipping its per-call work
-(input validation, PIL <-> numpy round trips, float64 rescale, several transposes, BatchFeature): one PIL
-resize, one crop, one transpose, and one scale-and-shift in torch.
+Two layouts of `preprocessor_config.json` are understood, each matching its HF processor (PIL backend, the
+same PIL calls); both composite alpha onto white first and rescale and normalise last:
+
+- CLIP (`CLIPImageProcessor`, `size: {"shortest_edge": N}`): shortest side resized to N with the long side
+  truncated by `int()`, then centre crop to `crop_size` (zero-padded when the crop is larger than the resized
+  image).
+- SigLIP (`SiglipImageProcessor`, also SigLIP2's fixed-resolution checkpoints, `size: {"height": H, "width":
+  W}`): resized to exactly H x W, aspect ratio not kept, no crop.
+
+EXIF orientation is not applied, as the HF processors do not apply it either. The speed comes from skipping
+their per-call work (input validation, PIL <-> numpy round trips, float64 rescale, several transposes,
+BatchFeature): one PIL resize, at most one crop, one transpose, and one scale-and-shift in torch.
 
 The training loader stops at `pixels` (uint8) and the trainer normalises on its device with
 `PixelNormalizer`: a quarter of the bytes cross from the DataLoader workers (through shared memory) and the
@@ -35,6 +41,11 @@ from PIL import Image
 from vlm.formats.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from vlm.formats.errors import BadSample
 
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+"""SiglipImageProcessor's defaults (IMAGENET_STANDARD_MEAN / _STD), for files without image_mean / _std."""
+SIGLIP_TYPES = frozenset({"SiglipImageProcessor", "SiglipImageProcessorPil", "SiglipImageProcessorFast"})
+"""`image_processor_type`s read with the SigLIP layout (exact resize, no crop, SigLIP defaults)."""
+
 
 class ImageConfigError(ValueError):
     """A preprocessor config that cannot be used; the message names the file and the key."""
@@ -42,10 +53,15 @@ class ImageConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ImagePreprocessConfig:
-    """How pictures become vision-encoder input; the fields of a CLIP `preprocessor_config.json`."""
+    """How pictures become vision-encoder input; the fields of a CLIP or SigLIP `preprocessor_config.json`.
+
+    The resize is CLIP's shortest-edge one (`size` None, the default) or SigLIP's exact one (`size` set).
+    Built by hand for SigLIP, pass `size=(H, W), do_center_crop=False` (`from_dict` does).
+    """
 
     shortest_edge: int = 224
-    """The shorter side is resized to this; the longer side keeps the aspect ratio (truncated)."""
+    """CLIP: the shorter side is resized to this; the longer side keeps the aspect ratio (truncated).
+    Unused when `size` is set."""
     crop: tuple[int, int] = (224, 224)
     """Centre-crop size (height, width)."""
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -58,6 +74,9 @@ class ImagePreprocessConfig:
     """Crop to `crop`; without it, outputs keep the resized size and cannot be batched together."""
     rescale_factor: float = 1 / 255
     """Multiplies the 0..255 pixel values before normalising."""
+    size: tuple[int, int] | None = None
+    """SigLIP: (height, width) every picture is resized to exactly, aspect ratio not kept; None: CLIP's
+    shortest-edge resize to `shortest_edge`. A centre crop (`do_center_crop`) still follows when enabled."""
 
     def __post_init__(self):
         problems = []
@@ -65,6 +84,8 @@ class ImagePreprocessConfig:
             problems.append(f"shortest_edge must be >= 1, got {self.shortest_edge}")
         if len(self.crop) != 2 or min(self.crop) < 1:
             problems.append(f"crop must be (height, width) >= 1, got {self.crop}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            problems.append(f"size must be None or (height, width) >= 1, got {self.size}")
         if len(self.mean) != 3 or len(self.std) != 3:
             problems.append(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
         elif min(self.std) <= 0:
@@ -76,17 +97,20 @@ class ImagePreprocessConfig:
 
     @property
     def output_shape(self) -> tuple[int, int, int] | None:
-        """(3, H, W) of every output, or None when sizes vary (no centre crop)."""
-        return (3, *self.crop) if self.do_center_crop else None
+        """(3, H, W) of every output: the crop, else SigLIP's exact `size`; None when sizes vary (no crop)."""
+        if self.do_center_crop:
+            return (3, *self.crop)
+        return (3, *self.size) if self.size is not None else None
 
     @classmethod
     def from_folder(cls, path: str | Path) -> ImagePreprocessConfig:
-        """Read `preprocessor_config.json` from a CLIP folder (e.g. a copy of openai/clip-vit-base-patch16)."""
+        """Read `preprocessor_config.json` from a CLIP or SigLIP folder (e.g. openai/clip-vit-base-patch16,
+        google/siglip-base-patch16-224, google/siglip2-base-patch32-256)."""
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
             raise ImageConfigError(
-                f"{file} not found; point the vision model path at a CLIP folder that has its "
-                "preprocessor_config.json (saved by CLIPImageProcessor.save_pretrained)"
+                f"{file} not found; point the vision model path at a CLIP or SigLIP folder that has its "
+                "preprocessor_config.json (saved by CLIP/SiglipImageProcessor.save_pretrained)"
             )
         try:
             raw = json.loads(file.read_text())
@@ -98,17 +122,35 @@ class ImagePreprocessConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "preprocessor config") -> ImagePreprocessConfig:
-        """Interpret a preprocessor-config dict the way CLIPImageProcessor does (old and new layouts)."""
+        """Interpret a preprocessor-config dict the way its HF processor does.
+
+        `image_processor_type` SiglipImageProcessor (or its Pil / Fast variant): `size` {"height", "width"},
+        SigLIP's defaults for absent keys (224 x 224, mean and std 0.5, bicubic, no crop). Anything else:
+        CLIPImageProcessor's layouts (old and new) and defaults.
+        """
 
         def fail(key: str, why: str) -> ImageConfigError:
             return ImageConfigError(f"{source}: '{key}' {why} (value {raw.get(key)!r})")
 
         if raw.get("do_resize", True) is not True:
             raise fail("do_resize", "must be true: pictures of any size are resized to the encoder's size")
+        kind = raw.get("image_processor_type")
+        if kind in SIGLIP_TYPES:
+            return cls._from_siglip_dict(raw, fail)
+        if isinstance(kind, str) and kind.lower().startswith("siglip"):
+            raise fail(
+                "image_processor_type",
+                "is not supported: only fixed-resolution SigLIP / SigLIP2 (SiglipImageProcessor) is, "
+                "not Siglip2ImageProcessor's variable-resolution NaFlex",
+            )
         size = raw.get("size", 224)
         if isinstance(size, Mapping):
             if set(k for k, v in size.items() if v is not None) != {"shortest_edge"}:
-                raise fail("size", "must be {'shortest_edge': N} or an int (CLIP's shortest-edge resize)")
+                raise fail(
+                    "size",
+                    "must be {'shortest_edge': N} or an int (CLIP's shortest-edge resize), or {'height': H, "
+                    "'width': W} with image_processor_type SiglipImageProcessor (SigLIP's exact resize)",
+                )
             size = size["shortest_edge"]
         crop = raw.get("crop_size", 224)
         if isinstance(crop, Mapping):
@@ -135,6 +177,39 @@ class ImagePreprocessConfig:
             rescale_factor=rescale,
         )
 
+    @classmethod
+    def _from_siglip_dict(cls, raw: Mapping[str, Any], fail) -> ImagePreprocessConfig:
+        """SiglipImageProcessor's reading: exact resize to `size`, its defaults for absent keys."""
+        size = raw.get("size", {"height": 224, "width": 224})
+        keys = set(k for k, v in size.items() if v is not None) if isinstance(size, Mapping) else None
+        if keys != {"height", "width"}:
+            raise fail("size", "must be {'height': H, 'width': W} for SiglipImageProcessor (exact resize)")
+        if not all(isinstance(size[k], int) and size[k] >= 1 for k in ("height", "width")):
+            raise fail("size", "must hold integer height and width >= 1")
+        crop_kwargs = {"do_center_crop": False}
+        if raw.get("do_center_crop"):  # SiglipImageProcessor does not crop by default; HF crops when asked
+            crop = raw.get("crop_size")
+            if isinstance(crop, int):
+                crop = {"height": crop, "width": crop}
+            if not isinstance(crop, Mapping) or not all(
+                isinstance(crop.get(k), int) and crop[k] >= 1 for k in ("height", "width")
+            ):
+                raise fail("crop_size", "must be {'height': H, 'width': W} or an int when do_center_crop")
+            crop_kwargs = {"do_center_crop": True, "crop": (crop["height"], crop["width"])}
+        normalise = raw.get("do_normalize", True)
+        mean = _three(raw.get("image_mean", SIGLIP_MEAN)) if normalise else (0.0, 0.0, 0.0)
+        std = _three(raw.get("image_std", SIGLIP_STD)) if normalise else (1.0, 1.0, 1.0)
+        if mean is None or std is None:
+            raise fail("image_mean", "and image_std must be a number or a list of 3 numbers")
+        return cls(
+            size=(size["height"], size["width"]),
+            mean=mean,
+            std=std,
+            resample=int(raw.get("resample", Image.Resampling.BICUBIC)),  # SiglipImageProcessor's default
+            rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
+            **crop_kwargs,
+        )
+
 
 def _three(value: Any) -> tuple[float, float, float] | None:
     if isinstance(value, (int, float)):
@@ -156,7 +231,7 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as CLIPImageProcessor makes it: anything with transparency is composited onto white."""
+    """RGB as the HF processors (CLIP and SigLIP alike) make it: transparency is composited onto white."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -202,10 +277,11 @@ class PixelNormalizer:
 class ImagePreprocessor:
     """Picklable callable: encoded bytes or a PIL image -> float32 tensor (3, H, W), or `BadSample`.
 
-    `pixels` stops before normalising: uint8 (3, H, W), what the training loader ships.
+    (H, W) is `config.output_shape[1:]`: the crop (CLIP), or the exact `size` (SigLIP). `pixels` stops before
+    normalising: uint8 (3, H, W), what the training loader ships.
 
     Pictures with more than `max_pixels` pixels are refused from their header, before any decoding, and so
-    are extreme aspect ratios whose shortest-edge resize would exceed `max_pixels`.
+    are extreme aspect ratios whose (CLIP) shortest-edge resize would exceed `max_pixels`.
     """
 
     config: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
@@ -222,7 +298,7 @@ class ImagePreprocessor:
         return self.normalizer(self.pixels(image))
 
     def pixels(self, image: Image.Image | bytes) -> torch.Tensor:
-        """Encoded bytes or a PIL image -> contiguous uint8 (3, H, W), resized and centre-cropped."""
+        """Encoded bytes or a PIL image -> contiguous uint8 (3, H, W), resized and (if configured) cropped."""
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = self.open(image)
         self.check_size(image)
@@ -258,14 +334,18 @@ class ImagePreprocessor:
             raise BadSample("image_decode", f"empty image {width}x{height}")
 
     def resize_and_crop(self, rgb: Image.Image) -> np.ndarray:
-        """RGB image -> writable uint8 array (H, W, 3): shortest-edge resize, then centre crop.
+        """RGB image -> writable uint8 array (H, W, 3): shortest-edge (CLIP) or exact (SigLIP) resize, then
+        centre crop if `do_center_crop`.
 
         The whole picture is resized and then cropped, as CLIPImageProcessor does: resampling only the crop
         window (PIL's fractional `box`) changes PIL's intermediate rounding and was measured to differ by
         up to 18/255 on noisy pictures, so it is not used.
         """
         cfg = self.config
-        new_w, new_h = resized_size(*rgb.size, cfg.shortest_edge)
+        if cfg.size is not None:
+            new_h, new_w = cfg.size  # SigLIP: exactly (H, W), aspect ratio not kept
+        else:
+            new_w, new_h = resized_size(*rgb.size, cfg.shortest_edge)
         if new_w * new_h > self.max_pixels:  # a 1 x 30000 strip would resize to 224 x 6.7M
             raise BadSample("image_too_large", f"{rgb.width}x{rgb.height} resizes to {new_w}x{new_h}")
         resized = rgb.resize((new_w, new_h), cfg.resample)

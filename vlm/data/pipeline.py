@@ -18,8 +18,8 @@ the epoch: the `micro_step` of the last consumed batch + 1; prefetched batches d
 
 Stages (`loader.stages`, see `vlm.data.stages`; each a picklable callable on a sample dict that may raise
 `BadSample`): read (seek into the tar; exact mode only) -> decode (allow-list, `vlm.data.reader`) -> text (chat template,
-labels; before images, so a sample rejected for length costs no image decoding) -> images (CLIP
-resize and centre crop under a pixel limit, kept uint8) -> collate (`dynamic`: pad to the longest, multiple
+labels; before images, so a sample rejected for length costs no image decoding) -> images (the
+tower's resize under a pixel limit, kept uint8) -> collate (`dynamic`: pad to the longest, multiple
 of 8; `pack`: the micro-batch's samples first-fit into rows of max_seq_len; `max_len`: pad to max_seq_len).
 `pixel_values` leave the loader as uint8 (a quarter of float32's bytes through the workers' shared memory);
 the trainer normalises them on its device with `vlm.data.image.PixelNormalizer`.

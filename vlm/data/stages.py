@@ -2,7 +2,8 @@
 
     read (seek into the tar; exact mode only) -> decode (allow-list, `vlm.data.reader`) -> text (chat
     template, labels; before images, so a sample rejected for length costs no image decoding) -> images
-    (CLIP resize and centre crop under a pixel limit, kept uint8)
+    (the tower's resize, CLIP's shortest edge + centre crop or SigLIP's fixed size, under a pixel limit, kept
+    uint8)
 
 Each stage is a picklable callable on a sample dict that may raise `BadSample` (the pipeline skips and
 counts it); `SampleFormat.collator()` then forms the rows (`vlm.data.collate`).
@@ -52,7 +53,7 @@ class EncodeText:
 
 @dataclass
 class PreprocessImages:
-    """Stage `images`: encoded images -> "pixel_values" uint8 (n, 3, H, W), resized and cropped, not normalised
+    """Stage `images`: encoded images -> "pixel_values" uint8 (n, 3, H, W), resized (and cropped), not normalised
     (the trainer normalises on its device with `PixelNormalizer`); (0, 3, H, W) for text-only samples."""
 
     preprocessor: ImagePreprocessor
@@ -82,10 +83,11 @@ class SampleFormat:
     def stages(self, reader: ShardReader | None) -> list[tuple[str, Any]]:
         """The named per-sample stages; `read` only when samples are addressed by id (manifest sources).
 
-        Raises ValueError when the image preprocessing does not centre-crop (rows could not be batched).
+        Raises ValueError when the image preprocessing has no fixed output size (rows could not be batched).
         """
         if self.image_config.output_shape is None:
-            raise ValueError("image preprocessing must centre-crop (do_center_crop) so that images can be batched")
+            raise ValueError("image preprocessing must give one output size (a centre crop, or SigLIP's fixed size) so that images can "
+                             "be batched")
         stages: list[tuple[str, Any]] = [("read", ReadSample(reader))] if reader is not None else []
         encoder = ChatEncoder(self.tokenizer, self.image_token_id, self.image_token_len, self.max_seq_len)
         return stages + [

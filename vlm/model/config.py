@@ -79,8 +79,10 @@ class VLMConfig(MiniMindConfig):
     """MiniMind language model + vision encoder + projector.
 
     `image_token_id` is the placeholder token and `image_token_len` the length of its run per image: it must
-    equal the vision encoder's patch count (196 for CLIP ViT-B/16 at 224 px). MiniMind's own tokenizer uses
-    '@' (id 34) x 196; our tokenizer has a dedicated special token.
+    equal the vision encoder's patch count (196 for CLIP ViT-B/16 at 224 px), plus CLIP's CLS when it is
+    kept. MiniMind's own tokenizer uses '@' (id 34) x 196; our tokenizer has a dedicated special token.
+    `vision_feature_layer` and `vision_drop_leading` say which tower output becomes the image tokens
+    (`vision_encoder.encode_images`: -1 = last_hidden_state; None = drop every token before the patches).
     """
 
     model_type = "minimind-v"
@@ -91,8 +93,12 @@ class VLMConfig(MiniMindConfig):
         image_token_len: int = 196,
         vision_hidden_size: int = 768,
         vision_model_path: str | None = None,
+        vision_feature_layer: int = -1,
+        vision_drop_leading: int | None = None,
         **kwargs,
     ):
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_drop_leading = vision_drop_leading
         self.image_token_id = image_token_id
         self.image_token_len = image_token_len
         self.vision_hidden_size = vision_hidden_size

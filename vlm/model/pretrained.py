@@ -2,7 +2,7 @@
 
     FOLDER/config.json            VLMConfig (model_type "minimind-v")
     FOLDER/model.safetensors      language model + projector under MiniMind-V's names (no vision encoder)
-    FOLDER/vision_model/          the CLIP vision tower as trained or used (config, weights, preprocessor config)
+    FOLDER/vision_model/          the vision tower as trained or used (config, weights, preprocessor config)
     FOLDER/tokenizer*.json        the tokenizer, with its chat template
 
 `MiniMindVLM.from_pretrained(FOLDER)` loads it, vision tower included; `load_vlm_folder` does the same
@@ -30,7 +30,7 @@ def save_vlm_folder(
     model: MiniMindVLM, folder: str | Path, tokenizer=None, vision_source: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write the folder. `vision_source`: the CLIP folder the encoder came from (for its preprocessor config)."""
+    """Write the folder. `vision_source`: the vision folder the encoder came from (for its preprocessor config)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict() | {"vision_model_path": VISION_SUBFOLDER}

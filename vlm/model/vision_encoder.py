@@ -1,8 +1,15 @@
-"""The vision encoder: a CLIP vision tower loaded from a local folder with `transformers`.
+"""The vision encoder: a CLIP or SigLIP vision tower loaded from a local folder with `transformers`.
 
-Image features are taken exactly as MiniMind-V takes them: the tower's `last_hidden_state` (before the
-post-layernorm, which CLIP applies only to the pooled CLS output)
-with the CLS token dropped, i.e. (N, num_patches, vision_hidden) — 196 x 768 for CLIP ViT-B/16 at 224 px.
+Supported folders (their config.json's `model_type`): a whole CLIP or SigLIP model (`clip`, `siglip`: the
+vision side is kept) or its vision tower alone (`clip_vision_model`, `siglip_vision_model`). SigLIP2's
+fixed-resolution checkpoints (e.g. siglip2-base-patch32-256, MiniMind-V's tower since 2025-12) are SigLIP
+folders; its variable-resolution "naflex" ones (`siglip2`) are not supported.
+
+Image features are taken as MiniMind-V takes them: by default the tower's `last_hidden_state` (CLIP: before
+its post-layernorm, which CLIP applies only to the pooled output; SigLIP: after it) without the tokens that
+come before the patches (CLIP's CLS; SigLIP has none), i.e. (N, num_patches, vision_hidden): 196 x 768 for
+CLIP ViT-B/16 at 224 px, 64 x 768 for SigLIP2 base patch 32 at 256 px. `feature_layer` picks another layer
+(LLaVA takes the second to last), `drop_leading` = 0 keeps CLIP's CLS as an image token.
 
 `write_tiny_vision_encoder` builds the offline default: a small, randomly initialised CLIP vision tower
 (64-pixel pictures, patch 8 = 64 image tokens) saved like any Hugging Face folder, so runs without a
@@ -17,7 +24,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    AutoConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    SiglipModel,
+    SiglipVisionModel,
+)
 
 from vlm.formats.constants import CLIP_MEAN, CLIP_STD
 
@@ -29,6 +45,17 @@ TINY_VISION = dict(
     num_hidden_layers=3,
     num_attention_heads=4,
 )
+
+
+# model_type of a folder's config.json -> (tower family, the transformers class that loads the folder)
+TOWERS = {
+    "clip": ("clip", CLIPModel),
+    "clip_vision_model": ("clip", CLIPVisionModel),
+    "siglip": ("siglip", SiglipModel),
+    "siglip_vision_model": ("siglip", SiglipVisionModel),
+}
+# Tokens before the patches in a family's last_hidden_state: CLIP's CLS; SigLIP has none.
+LEADING_TOKENS = {"clip": 1, "siglip": 0}
 
 
 class VisionEncoderError(RuntimeError):
@@ -72,8 +99,9 @@ def _read_model_type(folder: Path) -> str:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise VisionEncoderError(
-            f"vision encoder folder {folder} has no config.json; point model.vision_model at a CLIP "
-            "folder saved with save_pretrained (e.g. a copy of openai/clip-vit-base-patch16)"
+            f"vision encoder folder {folder} has no config.json; point model.vision_model at a CLIP or SigLIP "
+            "folder saved with save_pretrained (e.g. a copy of openai/clip-vit-base-patch16 or "
+            "google/siglip2-base-patch32-256)"
         )
     try:
         return json.loads(config_file.read_text()).get("model_type", "")
@@ -81,19 +109,18 @@ def _read_model_type(folder: Path) -> str:
         raise VisionEncoderError(f"cannot read {config_file}: {err}") from err
 
 
-def read_vision_config(path: str | Path) -> CLIPVisionConfig:
-    """The vision tower's config of a CLIP folder (full `CLIPModel` or `CLIPVisionModel`), without its weights.
+def read_vision_config(path: str | Path) -> PretrainedConfig:
+    """The vision tower's config of a supported folder (see the module docstring), without its weights.
 
     Raises VisionEncoderError naming the folder.
     """
     folder = Path(path).expanduser()
-    model_type = _checked_model_type(folder)
+    _checked_model_type(folder)
     try:
-        if model_type == "clip":
-            return CLIPConfig.from_pretrained(folder).vision_config
-        return CLIPVisionConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise VisionEncoderError(f"cannot read the vision config in {folder}: {err}") from err
+    return getattr(config, "vision_config", None) or config
 
 
 def _checked_model_type(folder: Path) -> str:
@@ -103,27 +130,27 @@ def _checked_model_type(folder: Path) -> str:
             "(see README) or set model.vision_model"
         )
     model_type = _read_model_type(folder)
-    if model_type not in ("clip", "clip_vision_model"):
+    if model_type not in TOWERS:
         raise VisionEncoderError(
-            f"{folder} holds a {model_type!r} model; a CLIP vision model ('clip' or 'clip_vision_model') is needed"
+            f"{folder} holds a {model_type!r} model; a vision tower of one of the types {sorted(TOWERS)} is needed "
+            "(SigLIP2's fixed-resolution checkpoints are 'siglip'; its naflex 'siglip2' ones are not supported)"
         )
     return model_type
 
 
-def load_vision_encoder(path: str | Path) -> CLIPVisionModel:
-    """Load the vision tower of a CLIP folder (`CLIPVisionModel` or a full `CLIPModel`), frozen, in eval mode.
+def load_vision_encoder(path: str | Path) -> nn.Module:
+    """Load the vision tower of a supported folder (see the module docstring), frozen, in eval mode.
 
     Every vision weight must be present in the folder: a checkpoint that leaves part of the tower randomly
-    initialised is an error, not a warning.
+    initialised is an error, not a warning. Raises VisionEncoderError naming the folder.
     """
     folder = Path(path).expanduser()
     model_type = _checked_model_type(folder)
+    _, model_class = TOWERS[model_type]
     try:
-        if model_type == "clip":  # a full CLIPModel folder: keep its vision tower, drop the text side
-            full, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
-            encoder = full.vision_model
-        else:
-            encoder, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+        encoder, info = model_class.from_pretrained(folder, output_loading_info=True)
+        if model_type in ("clip", "siglip"):  # a whole model's folder: keep its vision tower, drop the text side
+            encoder = encoder.vision_model
     except (OSError, ValueError, RuntimeError) as err:
         raise VisionEncoderError(f"cannot load the vision encoder from {folder}: {err}") from err
     missing = [k for k in info["missing_keys"] if "text_model" not in k and not k.endswith("position_ids")]
@@ -141,13 +168,43 @@ def freeze_vision_encoder(encoder: nn.Module) -> nn.Module:
     return encoder.eval()
 
 
-def num_image_tokens(config: CLIPVisionConfig) -> int:
-    """Patches per image = image tokens per placeholder run (CLS excluded)."""
-    return (config.image_size // config.patch_size) ** 2
+def build_vision_encoder(config: PretrainedConfig) -> nn.Module:
+    """A randomly initialised tower of a vision config (`read_vision_config`'s), e.g. on the meta device."""
+    if config.model_type not in TOWERS:
+        raise VisionEncoderError(f"unsupported vision tower type {config.model_type!r}")
+    return TOWERS[config.model_type][1](config)
 
 
-def encode_images(encoder: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, num_patches, vision_hidden): last hidden state without the CLS token."""
-    pixel_values = pixel_values.to(dtype=encoder.dtype)
-    hidden = encoder(pixel_values=pixel_values).last_hidden_state  # (N, 1 + P, Dv), before post_layernorm
-    return hidden[:, 1:, :]
+def leading_tokens(config: PretrainedConfig) -> int:
+    """How many tokens come before the patches in the tower's output (CLIP: 1, its CLS; SigLIP: 0)."""
+    family = TOWERS.get(config.model_type, (config.model_type.removesuffix("_vision_model"),))[0]
+    if family not in LEADING_TOKENS:
+        raise VisionEncoderError(f"unsupported vision tower type {config.model_type!r}")
+    return LEADING_TOKENS[family]
+
+
+def num_image_tokens(config: PretrainedConfig, drop_leading: int | None = None) -> int:
+    """Image tokens per placeholder run: the tower's output tokens less the `drop_leading` first ones (default:
+    all of `leading_tokens`, i.e. the patches only)."""
+    lead = leading_tokens(config)
+    drop = lead if drop_leading is None else drop_leading
+    if not 0 <= drop <= lead:
+        raise VisionEncoderError(f"a {config.model_type} tower has {lead} token(s) before its patches; cannot drop {drop}")
+    return (config.image_size // config.patch_size) ** 2 + lead - drop
+
+
+def encode_images(encoder: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -1,
+                  drop_leading: int | None = None) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, image tokens, vision_hidden): the tower's features for a placeholder run.
+
+    `feature_layer` -1 takes `last_hidden_state` (see the module docstring); any other value indexes
+    `hidden_states` (0 = the embeddings, i = after layer i, -2 = the second to last layer's output).
+    `drop_leading` first tokens are dropped (default: all before the patches, `leading_tokens`).
+    """
+    drop = leading_tokens(encoder.config) if drop_leading is None else drop_leading
+    pixel_values = pixel_values.to(dtype=next(encoder.parameters()).dtype)
+    if feature_layer == -1:
+        hidden = encoder(pixel_values=pixel_values).last_hidden_state  # (N, lead + P, Dv)
+    else:
+        hidden = encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[feature_layer]
+    return hidden[:, drop:, :]

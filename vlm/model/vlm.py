@@ -60,9 +60,10 @@ class MiniMindVLM(MiniMindForCausalLM):
         """Attach a vision encoder; check that its geometry matches the placeholder run and the projector."""
         vcfg = encoder.config
         problems = []
-        if num_image_tokens(vcfg) != self.config.image_token_len:
+        tokens = num_image_tokens(vcfg, self.config.vision_drop_leading)
+        if tokens != self.config.image_token_len:
             problems.append(
-                f"the vision encoder gives {num_image_tokens(vcfg)} tokens per image "
+                f"the vision encoder gives {tokens} tokens per image "
                 f"({vcfg.image_size}px / patch {vcfg.patch_size}) but image_token_len is {self.config.image_token_len}"
             )
         if vcfg.hidden_size != self.config.vision_hidden_size:
@@ -134,11 +135,14 @@ class MiniMindVLM(MiniMindForCausalLM):
         if encoder is None:
             raise ImagePlaceholderError("pixel_values were given but the model has no vision encoder attached")
         if self.vision_trainable:
-            features = encode_images(encoder, pixel_values)
+            features = self._encode(encoder, pixel_values)
         else:
             with torch.no_grad():
-                features = encode_images(encoder, pixel_values)
+                features = self._encode(encoder, pixel_values)
         return self.vision_proj(features.to(self.vision_proj.vision_proj[0].weight.dtype))
+
+    def _encode(self, encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return encode_images(encoder, pixel_values, self.config.vision_feature_layer, self.config.vision_drop_leading)
 
     def image_slots(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """The real images' slots in pixel_values.flatten(0, 1), row-major: (M,) long.

@@ -157,7 +157,7 @@ def flop_shape(model: nn.Module) -> FlopShape:
         vision = {"vision_weights": sum(_matmul_weights(encoder)),
                   "vision_patch_weights": sum(_matmul_weights(encoder, nn.Conv2d)),
                   "vision_layers": vc.num_hidden_layers, "vision_width": vc.hidden_size,
-                  "vision_tokens": num_image_tokens(vc) + 1, "vision_trained": _any_trained(encoder)}
+                  "vision_tokens": num_image_tokens(vc, drop_leading=0), "vision_trained": _any_trained(encoder)}
     return FlopShape(tuple(stages), config.num_attention_heads * config.head_dim,
                      embedding_trained=model.model.embed_tokens.weight.requires_grad,
                      projector=sum(_matmul_weights(model.vision_proj)),

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionModel
 
 from vlm.build import build, configured_vision_folder, model_config
 from vlm.config import BUILTIN_TINY_VISION, Config, ConfigError, config_problems
@@ -39,6 +38,7 @@ from vlm.data import plan
 from vlm.data.sources import SourceError, resolve_sources
 from vlm.model.vision_encoder import (
     VisionEncoderError,
+    build_vision_encoder,
     load_vision_encoder,
     read_vision_config,
     tiny_vision_config,
@@ -331,7 +331,7 @@ def estimate_parameters(cfg: Config) -> dict[str, int]:
     vision_config = tiny_vision_config() if folder is None else read_vision_config(folder)
     image_id = image_placeholder_id(tokenizer, cfg.model.image_placeholder)
     with torch.device("meta"):
-        model = MiniMindVLM(model_config(cfg, tokenizer, image_id, vision_config), CLIPVisionModel(vision_config),
+        model = MiniMindVLM(model_config(cfg, tokenizer, image_id, vision_config), build_vision_encoder(vision_config),
                             trainable_vision=cfg.model.vision_trainable)
     counts = apply_trainable_policy(model, cfg.train.trainable, cfg.train.trainable_patterns)
     counts["saved"] = sum(p.numel() for p in model.parameters())  # a frozen vision encoder is not saved
