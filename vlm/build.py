@@ -18,6 +18,7 @@ from vlm.data.image import ImagePreprocessConfig
 from vlm.data.stages import SampleFormat
 from vlm.model.config import VLMConfig
 from vlm.model.pretrained import VISION_SUBFOLDER, load_vlm_folder
+from vlm.model.projector import shuffled_tokens
 from vlm.model.vision_encoder import load_vision_encoder, num_image_tokens, write_tiny_vision_encoder
 from vlm.model.vlm import MiniMindVLM
 from vlm.model.weights import load_minimind_weights, load_state_strict
@@ -78,7 +79,9 @@ def model_config(cfg: Config, tokenizer, image_token_id: int, vision_config) -> 
         **cfg.model.architecture(),
         vocab_size=cfg.model.vocab_size or len(tokenizer),
         image_token_id=image_token_id,
-        image_token_len=num_image_tokens(vision_config, drop),
+        image_token_len=shuffled_tokens(num_image_tokens(vision_config, drop), cfg.model.pixel_shuffle),
+        projector=cfg.model.projector,
+        pixel_shuffle=cfg.model.pixel_shuffle,
         vision_hidden_size=vision_config.hidden_size,
         vision_feature_layer=cfg.model.vision_feature_layer,
         vision_drop_leading=drop,

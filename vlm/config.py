@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from vlm.formats.constants import BATCHING, DEFAULT_MAX_PIXELS
+from vlm.formats.constants import BATCHING, DEFAULT_MAX_PIXELS, PROJECTORS
 
 BUILTIN_TINY_VISION = "builtin:tiny"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -71,6 +71,10 @@ class ModelConfig:
     vision_trainable: bool = _f(False, "Train the vision encoder too (needed when it starts from random init).")
     vision_feature_layer: int = _f(-1, "The tower's layer whose output becomes the image tokens: -1 = its output "
                                        "(last_hidden_state, MiniMind-V's), -2 = the second to last layer (LLaVA's).")
+    projector: str = _f("linear", "Projector: 'linear' (MiniMind-V 623a130), 'mlp' (LayerNorm, Linear, GELU, Linear: "
+                                  "MiniMind-V since 2025-12) or 'mlp2x_gelu' (LLaVA-1.5's).")
+    pixel_shuffle: int = _f(1, "Merge each s x s block of neighbouring patches into one image token before the "
+                               "projector (196 -> 49 tokens at 2); 1 = off.")
     vision_cls: str = _f("drop", "'drop' the tokens before the patches (CLIP's CLS; SigLIP has none) or 'keep' "
                                  "them as image tokens.")
     init_weights: str | None = _f(
@@ -364,6 +368,8 @@ def _value_problems(cfg: Config) -> list[str]:
         (d.train_weights is None or len(d.train_weights) == len(d.train_shards),
          f"data.train_weights has {len(d.train_weights or [])} entries for {len(d.train_shards)} train_shards"),
         (d.max_pixels >= 1, f"data.max_pixels must be >= 1, got {d.max_pixels}"),
+        (m.projector in PROJECTORS, f"model.projector must be one of {PROJECTORS}, got {m.projector!r}"),
+        (m.pixel_shuffle >= 1, f"model.pixel_shuffle must be >= 1, got {m.pixel_shuffle}"),
         (m.vision_cls in ("drop", "keep"), f"model.vision_cls must be 'drop' or 'keep', got {m.vision_cls!r}"),
     ]
     return [message for ok, message in checks if not ok] + architecture_problems(m.architecture(), "model.")

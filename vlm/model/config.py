@@ -82,7 +82,8 @@ class VLMConfig(MiniMindConfig):
     equal the vision encoder's patch count (196 for CLIP ViT-B/16 at 224 px), plus CLIP's CLS when it is
     kept. MiniMind's own tokenizer uses '@' (id 34) x 196; our tokenizer has a dedicated special token.
     `vision_feature_layer` and `vision_drop_leading` say which tower output becomes the image tokens
-    (`vision_encoder.encode_images`: -1 = last_hidden_state; None = drop every token before the patches).
+    (`vision_encoder.encode_images`: -1 = last_hidden_state; None = drop every token before the patches);
+    `projector` and `pixel_shuffle` how they reach the language model (`vlm.model.projector`).
     """
 
     model_type = "minimind-v"
@@ -95,8 +96,12 @@ class VLMConfig(MiniMindConfig):
         vision_model_path: str | None = None,
         vision_feature_layer: int = -1,
         vision_drop_leading: int | None = None,
+        projector: str = "linear",
+        pixel_shuffle: int = 1,
         **kwargs,
     ):
+        self.projector = projector
+        self.pixel_shuffle = pixel_shuffle
         self.vision_feature_layer = vision_feature_layer
         self.vision_drop_leading = vision_drop_leading
         self.image_token_id = image_token_id

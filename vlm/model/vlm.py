@@ -18,7 +18,7 @@ from torch import nn
 
 from vlm.model.config import VLMConfig
 from vlm.model.language_model import MiniMindForCausalLM
-from vlm.model.projector import VisionProjector
+from vlm.model.projector import VisionProjector, pixel_shuffle, shuffled_tokens
 from vlm.model.vision_encoder import (
     encode_images,
     freeze_vision_encoder,
@@ -42,7 +42,8 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     def __init__(self, config: VLMConfig, vision_encoder: nn.Module | None = None, trainable_vision: bool = False):
         super().__init__(config)
-        self.vision_proj = VisionProjector(config.vision_hidden_size, config.hidden_size)
+        self.vision_proj = VisionProjector(config.vision_hidden_size, config.hidden_size, config.projector,
+                                           config.pixel_shuffle)
         self.__dict__["_frozen_vision_encoder"] = None
         if vision_encoder is not None:
             self.set_vision_encoder(vision_encoder, trainable=trainable_vision)
@@ -60,7 +61,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         """Attach a vision encoder; check that its geometry matches the placeholder run and the projector."""
         vcfg = encoder.config
         problems = []
-        tokens = num_image_tokens(vcfg, self.config.vision_drop_leading)
+        tokens = shuffled_tokens(num_image_tokens(vcfg, self.config.vision_drop_leading), self.config.pixel_shuffle)
         if tokens != self.config.image_token_len:
             problems.append(
                 f"the vision encoder gives {tokens} tokens per image "
@@ -105,7 +106,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         would leave the frozen tower computing in fp32 (several times slower on a GPU). A trainable encoder
         is registered and cast with the rest; `.to()` on the model reaches the frozen one too (`_apply`).
         """
-        dtype = self.vision_proj.vision_proj[0].weight.dtype
+        dtype = self.vision_proj.dtype
         frozen = self.__dict__.get("_frozen_vision_encoder")
         if frozen is not None:
             frozen.to(dtype=dtype)
@@ -130,7 +131,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         return len(modules)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, image_token_len, hidden): encode (no_grad when frozen), then project."""
+        """(N, 3, H, W) -> (N, image_token_len, hidden): encode (no_grad when frozen), pixel-shuffle, project."""
         encoder = self.get_vision_encoder()
         if encoder is None:
             raise ImagePlaceholderError("pixel_values were given but the model has no vision encoder attached")
@@ -139,7 +140,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         else:
             with torch.no_grad():
                 features = self._encode(encoder, pixel_values)
-        return self.vision_proj(features.to(self.vision_proj.vision_proj[0].weight.dtype))
+        features = pixel_shuffle(features, self.config.pixel_shuffle)
+        return self.vision_proj(features.to(self.vision_proj.dtype))
 
     def _encode(self, encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return encode_images(encoder, pixel_values, self.config.vision_feature_layer, self.config.vision_drop_leading)
@@ -203,7 +205,7 @@ class MiniMindVLM(MiniMindForCausalLM):
             size = encoder.config.image_size
             features = self.image_features(like.new_zeros(1, 3, size, size))
         else:
-            features = self.vision_proj(like.new_zeros(0, self.config.vision_hidden_size))
+            features = self.vision_proj(like.new_zeros(0, self.vision_proj.in_features))
         return features.sum().float() * 0
 
     def forward(
