@@ -599,16 +599,20 @@ def test_a_rank_killed_with_sigkill_leaves_no_checkpoint_writer_behind(shards60,
     assert not alive, [p.cmdline() for p in alive]
 
 
-def test_a_siglip_tower_trains_through_the_real_trainer(shards60, tmp_path, launch_env, tiny_siglip_dir):
-    """A frozen SigLIP tower (16 image tokens, no CLS) with its own preprocessing: the projector and the
-    language model learn from its features, and the export carries the tower and its preprocessor config."""
+@pytest.mark.parametrize("projector, shuffle, tokens", [("linear", 1, 16), ("mlp", 2, 4)])
+def test_a_siglip_tower_trains_through_the_real_trainer(shards60, tmp_path, launch_env, tiny_siglip_dir, projector,
+                                                        shuffle, tokens):
+    """A frozen SigLIP tower (16 image tokens, no CLS) with its own preprocessing, with MiniMind-V HEAD's MLP
+    projector after a 2 x 2 pixel shuffle too: the projector and the language model learn from its features,
+    and the export carries the tower, its preprocessor config and the image-token count."""
     out = tmp_path / "o"
     assert train(shards60, out, "--max_steps", "4", "--model.vision_model", str(tiny_siglip_dir),
-                 "--model.vision_trainable=false", "--train.trainable", "projector+lm") == 0
+                 "--model.vision_trainable=false", "--train.trainable", "projector+lm", "--model.projector",
+                 projector, "--model.pixel_shuffle", str(shuffle)) == 0
     losses = [r["loss"] for r in step_records(out).values()]
     assert len(losses) == 4 and all(isinstance(x, float) for x in losses) and losses[-1] < losses[0]
     exported = json.loads((out / "export" / "vision_model" / "config.json").read_text())
     assert exported["model_type"] == "siglip_vision_model"
-    assert json.loads((out / "export" / "config.json").read_text())["image_token_len"] == 16
+    assert json.loads((out / "export" / "config.json").read_text())["image_token_len"] == tokens
     assert "Siglip" in json.loads((out / "export" / "vision_model" / "preprocessor_config.json").read_text())[
         "image_processor_type"]
