@@ -52,6 +52,12 @@ class ModelConfig:
     use_moe: bool = _f(False, "Mixture-of-experts feed-forward layers (the seed's --use_moe).")
     num_attention_heads: int = _f(8, "Query heads.")
     num_key_value_heads: int = _f(2, "Key/value heads (grouped-query attention).")
+    head_dim: int | None = _f(None, "Width of one attention head; null = hidden_size / num_attention_heads.")
+    intermediate_size: int | None = _f(None, "Feed-forward width; null = MiniMind's 8/3 x hidden_size rounded up "
+                                             "to a multiple of 64 (MiniMind-V 3v: 2432 at 768).")
+    rms_norm_eps: float = _f(1e-5, "RMSNorm epsilon (MiniMind-V 3v: 1e-6).")
+    qk_norm: bool = _f(False, "Per-head RMSNorm on queries and keys before RoPE (self_attn.q_norm / k_norm: "
+                              "MiniMind-V 3v).")
     vocab_size: int | None = _f(None, "Vocabulary size; null = the tokenizer's size.")
     max_position_embeddings: int = _f(32768, "Longest position the rotary tables cover.")
     rope_theta: float = _f(1e6, "Rotary embedding base.")
@@ -61,6 +67,8 @@ class ModelConfig:
     n_shared_experts: int = _f(1, "MoE: experts every token passes through.")
     aux_loss_alpha: float = _f(0.1, "MoE: weight of the load-balancing loss.")
     seq_aux: bool = _f(True, "MoE: balance loss per sequence (true) or per batch (false).")
+    moe_normalize_top1: bool = _f(False, "MoE with one expert per token: its routing weight is normalised to 1 "
+                                         "(MiniMind-V 3v) instead of kept as the router probability (623a130).")
     tokenizer: str | None = _f(None, "Tokenizer folder; null = the built-in byte-level BPE tokenizer.")
     image_placeholder: str | None = _f(
         None, "Placeholder token repeated once per image token; null = the tokenizer's <|image|>, '@' for MiniMind's."
@@ -91,9 +99,10 @@ class ModelConfig:
 # model.* fields that are the language model's architecture: `MiniMindConfig` takes its defaults from here
 # and `vlm.build` passes them on as they are (vocab_size is resolved against the tokenizer there).
 ARCHITECTURE_FIELDS = (
-    "hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads",
+    "hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "rms_norm_eps", "qk_norm",
     "max_position_embeddings", "rope_theta", "dropout", "n_routed_experts", "num_experts_per_tok",
-    "n_shared_experts", "aux_loss_alpha", "seq_aux",
+    "n_shared_experts", "aux_loss_alpha", "seq_aux", "moe_normalize_top1",
 )
 
 
@@ -110,11 +119,17 @@ def architecture_problems(a: dict[str, Any], prefix: str = "") -> list[str]:
         return [f"{prefix}hidden_size, num_hidden_layers, num_attention_heads and num_key_value_heads must be "
                 f">= 1, got {hidden}, {a['num_hidden_layers']}, {heads}, {kv}"]
     problems = []
-    if hidden % heads:
-        problems.append(f"{prefix}hidden_size {hidden} is not divisible by {prefix}num_attention_heads {heads}")
-    elif (hidden // heads) % 2:
-        problems.append(f"head_dim {hidden // heads} ({prefix}hidden_size / num_attention_heads) must be even "
-                        "for rotary embeddings")
+    head_dim = a.get("head_dim")
+    if head_dim is None and hidden % heads:
+        problems.append(f"{prefix}hidden_size {hidden} is not divisible by {prefix}num_attention_heads {heads} "
+                        f"(or set {prefix}head_dim)")
+    elif (head_dim or hidden // heads) % 2 or (head_dim is not None and head_dim < 2):
+        problems.append(f"{prefix}head_dim {head_dim or hidden // heads} must be even (and >= 2) for rotary "
+                        "embeddings")
+    if a.get("intermediate_size") is not None and a["intermediate_size"] < 1:
+        problems.append(f"{prefix}intermediate_size must be >= 1 or null, got {a['intermediate_size']}")
+    if a.get("rms_norm_eps", 1e-5) <= 0:
+        problems.append(f"{prefix}rms_norm_eps must be > 0, got {a['rms_norm_eps']}")
     if heads % kv:
         problems.append(f"{prefix}num_attention_heads {heads} is not divisible by {prefix}num_key_value_heads {kv}")
     if a["use_moe"] and not 1 <= a["num_experts_per_tok"] <= a["n_routed_experts"]:

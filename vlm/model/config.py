@@ -32,9 +32,7 @@ class MiniMindConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size: int = 6400,
-        intermediate_size: int | None = None,
         hidden_act: str = "silu",
-        rms_norm_eps: float = 1e-5,
         scoring_func: str = "softmax",
         norm_topk_prob: bool = True,
         bos_token_id: int = 1,
@@ -47,9 +45,8 @@ class MiniMindConfig(PretrainedConfig):
             setattr(self, name, kwargs.pop(name, default))
         self.use_moe = bool(self.use_moe)
         self.vocab_size = vocab_size
-        self.intermediate_size = intermediate_size or default_intermediate_size(self.hidden_size)
+        self.intermediate_size = self.intermediate_size or default_intermediate_size(self.hidden_size)
         self.hidden_act = hidden_act
-        self.rms_norm_eps = rms_norm_eps
         self.scoring_func = scoring_func
         self.norm_topk_prob = norm_topk_prob
         super().__init__(
@@ -59,12 +56,8 @@ class MiniMindConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_shapes()
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head: hidden_size / num_attention_heads."""
-        return self.hidden_size // self.num_attention_heads
+        self.validate_shapes()  # before head_dim is derived: a hidden size the heads do not divide is named
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
     def validate_shapes(self) -> None:
         """Raise ValueError listing every shape problem (the rules of `vlm.config.architecture_problems`)."""

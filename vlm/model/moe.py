@@ -48,7 +48,7 @@ class MoEGate(nn.Module):
         self.n_experts = config.n_routed_experts
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
-        self.norm_topk_prob = config.norm_topk_prob
+        self.norm_topk_prob = config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.moe_normalize_top1)
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
@@ -57,7 +57,7 @@ class MoEGate(nn.Module):
         bsz, seq_len, hidden = x.shape
         scores = F.linear(x.reshape(-1, hidden), self.weight).softmax(dim=-1)  # (N, E)
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + TOPK_NORM_EPS)
         if self.training and self.alpha > 0.0:
             aux_loss = self.balance_loss(scores, topk_idx, bsz, seq_len)
