@@ -97,6 +97,17 @@ def test_minimind_style_placeholder_is_resolved(tmp_path):
         image_placeholder_id(mm)
 
 
+def test_the_placeholder_is_found_from_the_tokenizer_without_a_flag(tmp_path, tok):
+    """Ours <|image|>, MiniMind-V 3v's <|image_pad|> (id 12 there), MiniMind's '@' for its 6400-token tokenizer."""
+    assert image_placeholder_id(tok) == tok.convert_tokens_to_ids("<|image|>")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(9)]
+    v3 = load_tokenizer(_byte_bpe_folder(tmp_path / "v3", specials + ["<|image_pad|>"], ["a red circle"] * 5))
+    assert v3.convert_tokens_to_ids("<|image_pad|>") == 12 and image_placeholder_id(v3) == 12
+    mm = load_tokenizer(_byte_bpe_folder(tmp_path / "mm", specials[:3], ["a picture of a red circle"] * 5))
+    mm.add_tokens([f"filler{i}" for i in range(6400 - len(mm))])  # MiniMind's size: 6400 tokens
+    assert image_placeholder_id(mm) == 34 == image_placeholder_id(mm, "@")
+
+
 def test_placeholder_that_merges_in_runs_is_refused(tmp_path):
     folder = _byte_bpe_folder(tmp_path / "merges", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                               ["@@@@ @@ @@@@@@"] * 20)

@@ -26,7 +26,8 @@ from vlm.formats.constants import BATCHING, DEFAULT_MAX_PIXELS, PROJECTORS
 
 BUILTIN_TINY_VISION = "builtin:tiny"
 DTYPES = ("bfloat16", "float16", "float32")
-TRAINABLE_POLICIES = ("projector", "projector+last_layer", "projector+lm", "all", "patterns")
+TRAINABLE_POLICIES = ("projector", "projector+last_layer", "projector+first_last_layers", "projector+lm", "all",
+                      "patterns")
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,8 @@ class ModelConfig:
                                          "(MiniMind-V 3v) instead of kept as the router probability (623a130).")
     tokenizer: str | None = _f(None, "Tokenizer folder; null = the built-in byte-level BPE tokenizer.")
     image_placeholder: str | None = _f(
-        None, "Placeholder token repeated once per image token; null = the tokenizer's <|image|>, '@' for MiniMind's."
+        None, "Placeholder token repeated once per image token; null = found from the tokenizer: <|image|> (ours), "
+              "<|image_pad|> (MiniMind-V 3v), '@' (MiniMind's 6400-token tokenizer without either)."
     )
     vision_model: str = _f(
         "model/vision_model", f"CLIP or SigLIP vision folder, or '{BUILTIN_TINY_VISION}' for the random-init tiny encoder."

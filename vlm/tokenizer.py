@@ -2,8 +2,10 @@
 
 The built-in tokenizer lives in `vlm/assets/tokenizer` (made by `python -m data_tools.train_tokenizer`):
 byte-level BPE, `<|endoftext|>`=0 (pad), `<|im_start|>`=1 (bos), `<|im_end|>`=2 (eos), `<|image|>`=3,
-ChatML chat template. Any local Hugging Face tokenizer folder works instead; MiniMind's own uses '@'
-(id 34) as its image placeholder, so set `model.image_placeholder: "@"` with it.
+ChatML chat template. Any local Hugging Face tokenizer folder works instead. The image placeholder is
+found from the tokenizer unless `model.image_placeholder` names it: ours `<|image|>`, MiniMind-V 3v's
+`<|image_pad|>` (id 12), or, for MiniMind's 6400-token tokenizer without either (MiniMind-V 623a130), '@'
+(id 34).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 DEFAULT_PLACEHOLDER = "<|image|>"
 MINIMIND_PLACEHOLDER = "@"
+MINIMIND3V_PLACEHOLDER = "<|image_pad|>"
+MINIMIND_VOCAB = 6400  # MiniMind's tokenizers (623a130 and 3v) have exactly this many tokens
 
 
 def builtin_tokenizer_path() -> Path:
@@ -41,14 +45,27 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
         raise ValueError(f"could not load the tokenizer in {folder}: {err}") from err
 
 
+def default_placeholder(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The image placeholder a tokenizer implies: `<|image|>` (ours) or `<|image_pad|>` (MiniMind-V 3v) when it
+    has that special token, else '@' for MiniMind's 6400-token tokenizer (623a130), else `<|image|>` (which
+    `image_placeholder_id` then reports as missing)."""
+    special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    for candidate in (DEFAULT_PLACEHOLDER, MINIMIND3V_PLACEHOLDER):
+        if candidate in special:
+            return candidate
+    if len(tokenizer) == MINIMIND_VOCAB:
+        return MINIMIND_PLACEHOLDER
+    return DEFAULT_PLACEHOLDER
+
+
 def image_placeholder_id(tokenizer: PreTrainedTokenizerBase, placeholder: str | None = None) -> int:
     """The token id that marks one image-feature position.
 
-    `placeholder` None means our `<|image|>` special token. The placeholder must encode to exactly one
-    token, also when repeated (a run of N placeholders must be N ids), or image features could not be
-    placed one per position.
+    `placeholder` None finds it from the tokenizer (`default_placeholder`). The placeholder must encode to
+    exactly one token, also when repeated (a run of N placeholders must be N ids), or image features could
+    not be placed one per position. Raises ValueError naming the placeholder and what to set.
     """
-    text = DEFAULT_PLACEHOLDER if placeholder is None else placeholder
+    text = default_placeholder(tokenizer) if placeholder is None else placeholder
     ids = tokenizer.encode(text, add_special_tokens=False)
     hint = (f'; with MiniMind\'s tokenizer set model.image_placeholder: "{MINIMIND_PLACEHOLDER}" '
             f"(--model.image_placeholder={MINIMIND_PLACEHOLDER})" if placeholder is None else

@@ -88,6 +88,10 @@ def test_freeze_policies(model):
     apply_trainable_policy(model, "projector+last_layer")
     assert {n for n in trainable_names(model) if n.startswith("model.layers.")} == {
         n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
+    deep = MiniMindVLM(tiny_config(num_hidden_layers=4))  # MiniMind-V 3v's SFT: layers 0 and 3, not 1 and 2
+    apply_trainable_policy(deep, "projector+first_last_layers")
+    assert trainable_names(deep) == {n for n, _ in deep.named_parameters()
+                                     if n.startswith(("vision_proj.", "model.layers.0.", "model.layers.3."))}
     apply_trainable_policy(model, "projector+lm")
     assert "model.embed_tokens.weight" in trainable_names(model)
     apply_trainable_policy(model, "patterns", ["*.q_proj.*"])

@@ -1,4 +1,11 @@
-"""Named policies for what trains; everything else is frozen in place."""
+"""Named policies for what trains; everything else is frozen in place.
+
+    projector                      vision_proj only (both MiniMind-V generations' pretraining)
+    projector+last_layer           + the last decoder layer
+    projector+first_last_layers    + the first and the last decoder layer (MiniMind-V 3v's SFT)
+    projector+lm                   + the whole language model (MiniMind-V 623a130's SFT)
+    all / patterns                 everything / parameters whose names match fnmatch patterns
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ def _trainable_by_policy(name: str, policy: str, last_layer: int, patterns: list
         return True
     if policy == "projector+last_layer":
         return name.startswith(f"model.layers.{last_layer}.")
+    if policy == "projector+first_last_layers":
+        return name.startswith(("model.layers.0.", f"model.layers.{last_layer}."))
     if policy == "projector+lm":
         return name.startswith(("model.", "lm_head."))
     return False  # "projector"
