@@ -254,3 +254,28 @@ def test_unusable_templates_fail_at_startup(tmp_path):
         ChatEncoder(tokenizer, image_token_id=3, image_token_len=2, max_seq_len=64)
     with pytest.raises(ValueError, match="image_token_id"):
         ChatEncoder(tokenizer, image_token_id=10_000, image_token_len=2, max_seq_len=64)
+
+
+# MiniMind-V 3v's layout, restated: every assistant turn opens with a <think> block (empty when the message has no
+# reasoning), written by the template between the assistant header and the reply; 3v trains on it.
+THINK_CHATML = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_opens_each_reply_with_a_think_block_labels_it_with_the_reply(tmp_path):
+    """Targets: for each assistant turn, the think block, the reply and <|im_end|>; never the header line,
+    a system or user turn, or an image."""
+    tokenizer = build_tokenizer(tmp_path / "tok_think", THINK_CHATML)
+    encoder = ChatEncoder(tokenizer, image_token_id=3, image_token_len=5, max_seq_len=512)
+    out = encoder(CONVERSATION, num_images=2)
+    ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
+    targets = [tokenizer.decode(ids[s:e]) for s, e in runs_of([label != IGNORE_INDEX for label in labels])]
+    assert targets == [f"<think>\n\n</think>\n\n{reply}<|im_end|>" for reply in REPLIES]
+    assert all(labels[i] == ids[i] for i in range(len(ids)) if labels[i] != IGNORE_INDEX)
+    # The prompt for generation ends with the same opening, as the model was trained to continue it.
+    prompt = encoder.encode_prompt(CONVERSATION[:2], num_images=1).tolist()
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

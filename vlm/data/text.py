@@ -10,7 +10,9 @@ and the rendered text is split on them. Template text (role headers, `<|im_start
 tokenized with special tokens active; message contents are tokenized with special tokens split into plain
 bytes, so a literal "<|im_end|>" inside data cannot forge structure; each `<image>` becomes exactly
 `image_token_len` copies of `image_token_id`, spliced in as ids (never left to BPE merges of "@@@@").
-Labels are the reply tokens plus the first template token after each reply, which must be `<|im_end|>`.
+Labels are the reply tokens plus the first template token after each reply, which must be `<|im_end|>`,
+plus what the template writes inside the assistant turn before the reply (after the `<|im_start|>assistant`
+header line): MiniMind-V 3v's `<think>\n\n</think>\n\n`, which it trains on too.
 
 Assumptions, checked when the encoder is built: the template (ChatML: `<|im_start|>{role}\\n{content}
 <|im_end|>\\n`, with or without a default system prompt) copies each message's content verbatim and writes
@@ -33,6 +35,7 @@ from vlm.formats.errors import BadSample
 from vlm.formats.records import RESERVED_CHARS, check_conversations
 
 IM_END = "<|im_end|>"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"  # ChatML: what opens an assistant turn
 
 # Private-use code points (`RESERVED_CHARS`, refused in records): passed through verbatim by Jinja templates.
 _IMAGE, _OPEN, _REPLY, _CLOSE = RESERVED_CHARS  # image; start of a system/user content; of a reply; end of any
@@ -114,7 +117,8 @@ class ChatEncoder:
         labels: list[int] = []
         runs: list[tuple[int, int]] = []
         inside, reply, after_reply, contents = False, False, False, 0
-        for piece in _SENTINELS.split(rendered):
+        pieces = _SENTINELS.split(rendered)
+        for index, piece in enumerate(pieces):
             if piece == _IMAGE:
                 if not inside or reply:
                     raise BadSample("template_mismatch", "image marker outside a user/system content")
@@ -139,10 +143,24 @@ class ChatEncoder:
                 if after_reply:
                     labels[len(ids)] = piece_ids[0]  # the <|im_end|> closing the reply is a target
                 ids += piece_ids
+                if not inside and index + 1 < len(pieces) and pieces[index + 1] == _REPLY:
+                    self._label_turn_opening(piece, piece_ids, labels)
                 after_reply = False
         if contents != len(messages) or inside or after_reply:
             raise BadSample("template_mismatch", f"rendered {contents} of {len(messages)} messages")
         return ids, labels, runs
+
+    def _label_turn_opening(self, piece: str, piece_ids: list[int], labels: list[int]) -> None:
+        """Make the template text between the assistant header and the reply (the end of `piece`, whose ids
+        end `labels`) targets too: e.g. an empty `<think>` block the template writes into every turn."""
+        start = piece.rfind(ASSISTANT_HEADER)
+        opening = piece[start + len(ASSISTANT_HEADER):] if start >= 0 else ""
+        if not opening:
+            return
+        opening_ids = self._encode_text(opening, content=False)
+        if piece_ids[len(piece_ids) - len(opening_ids):] != opening_ids:
+            raise BadSample("template_mismatch", "the assistant turn's opening does not tokenize on its own")
+        labels[len(labels) - len(opening_ids):] = opening_ids
 
     def _encode_text(self, text: str, content: bool) -> list[int]:
         # Contents: special-token strings are plain text. Template text: they are the control tokens.
