@@ -85,3 +85,22 @@ def test_the_3v_choices_that_differ_from_623a130_each_change_the_logits(tiny_sig
             logits[name] = model(input_ids=ids).logits
     for name in ("no qk_norm", "eps", "top-1 weight"):
         assert not torch.allclose(logits[name], logits["3v"], atol=1e-6), name
+
+
+def test_the_shipped_3v_configs_build_3vs_768_model():
+    """launch/configs/minimind3v_*.yaml give the shapes of 3v's llm_768.pth: every key and shape counted."""
+    from pathlib import Path
+
+    from vlm.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "launch" / "configs").glob("minimind3v_*.yaml"))
+    assert [p.name for p in configs] == ["minimind3v_pretrain.yaml", "minimind3v_sft.yaml"]
+    per_layer = 768 * 768 * 2 + 384 * 768 * 2 + 2 * 768 + 2 * 96 + 3 * 2432 * 768  # q o, k v, norms, q/k norms, MLP
+    expected = 6400 * 768 + 8 * per_layer + 768  # embedding (tied head), layers, final norm
+    for path in configs:
+        cfg = load_config(path)
+        with torch.device("meta"):
+            model = MiniMindVLM(VLMConfig(**cfg.model.architecture(), vocab_size=6400, image_token_id=PAD,
+                                          image_token_len=64, vision_hidden_size=768, projector=cfg.model.projector))
+        assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_proj.")) == expected
+        assert (model.config.head_dim, model.config.intermediate_size) == (96, ffn_width(768)) == (96, 2432)
