@@ -119,3 +119,35 @@ def test_a_model_with_a_siglip_tower_answers_about_a_picture(tmp_path, tiny_sigl
     pieces = []
     reply = conversation.ask("What colour?", pieces.append)
     assert pieces and "".join(pieces) == reply
+
+
+def test_a_pth_needs_only_its_training_yaml(tmp_path, tiny_siglip_dir):
+    """`--config` describes a .pth (sizes, q/k norm, tower, projector, tokenizer): no size flags, same model."""
+    import argparse
+
+    import torch
+    import yaml
+
+    from vlm.build import build
+    from vlm.config import load_config
+    from vlm.inference import add_model_flags, load_from_args
+    from vlm.model.weights import save_minimind_weights
+
+    model_section = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "head_dim": 24, "intermediate_size": 256, "rms_norm_eps": 1.0e-6, "qk_norm": True,
+                     "projector": "mlp", "vision_model": str(tiny_siglip_dir)}
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump({"model": model_section, "data": {"train_shards": ["unused"]}}))
+    torch.manual_seed(0)
+    built = build(load_config(config))
+    pth = save_minimind_weights(built.model, tmp_path / "mine.pth", dtype=torch.float32)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint")
+    add_model_flags(parser)
+    loaded = load_from_args(parser.parse_args(["--checkpoint", str(pth), "--config", str(config)]))
+    assert loaded.model.config.qk_norm and loaded.model.config.head_dim == 24
+    ids = torch.randint(10, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, built.model.eval()(input_ids=ids).logits)
+    with pytest.raises(Exception, match="give --config"):
+        load_model(pth)

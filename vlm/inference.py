@@ -135,26 +135,30 @@ def add_image_tags(prompt: str, num_images: int) -> str:
 
 
 def load_model(checkpoint: str | Path, tokenizer: str | None = None, vision_model: str | None = None,
-               dim: int = 512, n_layers: int = 8, use_moe: bool = False, image_placeholder: str | None = None,
-               device: str = "cpu", dtype: str = "float32", max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedVLM:
+               dim: int | None = None, n_layers: int | None = None, use_moe: bool | None = None,
+               image_placeholder: str | None = None, device: str = "cpu", dtype: str = "float32",
+               max_pixels: int = DEFAULT_MAX_PIXELS, config: str | Path | None = None) -> LoadedVLM:
     """Load any checkpoint kind (see `vlm.load.checkpoint_kind`) ready to answer, on `device` in `dtype`.
 
-    The .pth kind needs `vision_model` and the sizes; pictures above `max_pixels` are refused.
+    The .pth kind needs `config` (its training YAML) or `vision_model` and the sizes (`vlm.load.load_any`);
+    pictures above `max_pixels` are refused.
     """
     model, tok, image_config, kind = load_any(checkpoint, tokenizer, vision_model, dim, n_layers, use_moe,
-                                              image_placeholder)
+                                              image_placeholder, config)
     model = model.to(device=torch.device(device), dtype=DTYPES[dtype])
     return LoadedVLM(model, tok, image_config, f"{kind}:{checkpoint}", max_pixels)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Flags for loading any checkpoint kind, plus device, dtype and the pixel limit (eval and chat)."""
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, or the built-in one)")
-    p.add_argument("--vision_model", help="CLIP or SigLIP vision folder (needed with a .pth checkpoint)")
-    p.add_argument("--dim", type=int, default=512, help=".pth only: hidden size the weights were trained with")
-    p.add_argument("--n_layers", type=int, default=8, help=".pth only: number of layers")
-    p.add_argument("--use_moe", choices=("true", "false"), default="false", help=".pth only: MoE layers")
-    p.add_argument("--image_placeholder", help=".pth only: placeholder token (default: <|image|>, or '@')")
+    p.add_argument("--config", help=".pth only: the training YAML whose model section built it (e.g. "
+                                    "launch/configs/minimind3v_sft.yaml): sizes, tower, tokenizer, projector")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, the YAML's, or the built-in one)")
+    p.add_argument("--vision_model", help="CLIP or SigLIP vision folder (a .pth needs it or --config)")
+    p.add_argument("--dim", type=int, help=".pth only: hidden size the weights were trained with (default 512)")
+    p.add_argument("--n_layers", type=int, help=".pth only: number of layers (default 8)")
+    p.add_argument("--use_moe", choices=("true", "false"), help=".pth only: MoE layers (default false)")
+    p.add_argument("--image_placeholder", help=".pth only: placeholder token (default: found from the tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -163,5 +167,6 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> LoadedVLM:
     """`load_model` with the flags of `add_model_flags`."""
-    return load_model(args.checkpoint, args.tokenizer, args.vision_model, args.dim, args.n_layers,
-                      args.use_moe == "true", args.image_placeholder, args.device, args.dtype, args.max_pixels)
+    use_moe = None if args.use_moe is None else args.use_moe == "true"
+    return load_model(args.checkpoint, args.tokenizer, args.vision_model, args.dim, args.n_layers, use_moe,
+                      args.image_placeholder, args.device, args.dtype, args.max_pixels, args.config)

@@ -16,18 +16,19 @@ rebuilt from the resolved config in its meta.json, weights loaded strictly) and 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlm.build import Built, build
-from vlm.config import Config, ConfigError, ModelConfig, config_from_dict, config_problems
+from vlm.config import Config, ConfigError, ModelConfig, config_from_dict, config_problems, load_config
 from vlm.data.image import ImagePreprocessConfig
 from vlm.model.pretrained import VISION_SUBFOLDER, WEIGHTS, load_vlm_folder
 from vlm.model.vlm import MiniMindVLM
 from vlm.model.weights import load_state_strict
-from vlm.tokenizer import DEFAULT_PLACEHOLDER, MINIMIND_PLACEHOLDER, load_tokenizer
+from vlm.tokenizer import load_tokenizer
 from vlm.train.checkpoint import CheckpointError, read_meta, resolve_resume
 
 
@@ -89,12 +90,15 @@ def load_trained_model(checkpoint: Path) -> tuple[Built, dict]:
 
 
 def load_any(checkpoint: str | Path, tokenizer: str | None = None, vision_model: str | None = None,
-             dim: int = 512, n_layers: int = 8, use_moe: bool = False, image_placeholder: str | None = None
+             dim: int | None = None, n_layers: int | None = None, use_moe: bool | None = None,
+             image_placeholder: str | None = None, config: str | Path | None = None
              ) -> tuple[MiniMindVLM, Any, ImagePreprocessConfig, str]:
     """(model, tokenizer, image preprocessing, kind) of any checkpoint kind (see `checkpoint_kind`).
 
-    The .pth kind needs `vision_model` and the size flags it was trained with. Raises CheckpointKindError,
-    CheckpointError, ConfigError, FileNotFoundError or ValueError naming what to change.
+    The .pth kind is described by `config` (a training YAML: its model section, e.g.
+    launch/configs/minimind3v_sft.yaml) or by `vision_model` and the sizes it was trained with; the other
+    arguments override the YAML's. Raises CheckpointKindError, CheckpointError, ConfigError,
+    FileNotFoundError or ValueError naming what to change.
     """
     kind = checkpoint_kind(checkpoint)
     if kind == "hf":
@@ -106,26 +110,30 @@ def load_any(checkpoint: str | Path, tokenizer: str | None = None, vision_model:
         built, _ = load_trained_model(find_checkpoint(str(checkpoint), None))
         model, tok, image_config = built.model, built.tokenizer, built.image_config
     else:
-        built = load_minimind_pth(checkpoint, tokenizer, vision_model, dim, n_layers, use_moe, image_placeholder)
+        built = load_minimind_pth(checkpoint, tokenizer, vision_model, dim, n_layers, use_moe, image_placeholder,
+                                  config)
         model, tok, image_config = built.model, built.tokenizer, built.image_config
     if model.get_vision_encoder() is None:
         raise CheckpointKindError(f"{checkpoint} has no vision encoder; give --vision_model")
     return model, tok, image_config, kind
 
 
-def load_minimind_pth(pth: str | Path, tokenizer: str | None, vision_model: str | None, dim: int, n_layers: int,
-                      use_moe: bool, image_placeholder: str | None) -> Built:
-    """A MiniMind-V .pth: build the model from the size flags, then load the weights strictly."""
-    if vision_model is None:
-        raise CheckpointKindError(f"{pth} is a MiniMind-V .pth: give --vision_model (a CLIP folder) and the model "
-                                  "size flags --dim --n_layers [--use_moe] it was trained with")
-    if image_placeholder is None and tokenizer is not None:
-        # MiniMind's own tokenizer has no <|image|> token; its placeholder is '@'.
-        has_ours = DEFAULT_PLACEHOLDER in load_tokenizer(tokenizer).get_vocab()
-        image_placeholder = None if has_ours else MINIMIND_PLACEHOLDER
-    cfg = Config(model=ModelConfig(hidden_size=dim, num_hidden_layers=n_layers, use_moe=use_moe,
-                                   tokenizer=tokenizer, vision_model=str(vision_model), init_weights=str(pth),
-                                   image_placeholder=image_placeholder))
+def load_minimind_pth(pth: str | Path, tokenizer: str | None, vision_model: str | None, dim: int | None,
+                      n_layers: int | None, use_moe: bool | None, image_placeholder: str | None,
+                      config: str | Path | None = None) -> Built:
+    """A MiniMind-V .pth: build the model from `config`'s model section (or the defaults) with the given
+    overrides, then load the weights strictly. The image placeholder is found from the tokenizer unless given."""
+    if vision_model is None and config is None:
+        raise CheckpointKindError(f"{pth} is a MiniMind-V .pth: give --config (the training YAML its model was "
+                                  "built with, e.g. launch/configs/minimind3v_sft.yaml), or --vision_model (a CLIP "
+                                  "or SigLIP folder) and the model size flags --dim --n_layers [--use_moe]")
+    model = load_config(config).model if config is not None else ModelConfig()
+    overrides = {"hidden_size": dim, "num_hidden_layers": n_layers, "use_moe": use_moe, "tokenizer": tokenizer,
+                 "vision_model": None if vision_model is None else str(vision_model),
+                 "image_placeholder": image_placeholder}
+    model = dataclasses.replace(model, **{k: v for k, v in overrides.items() if v is not None},
+                                init_weights=str(pth), init_allow_missing=[])
+    cfg = Config(model=model)
     # Only the model section matters here: no training data is involved.
     problems = [p for p in config_problems(cfg) if not p.startswith("data.")]
     if problems:
