@@ -146,6 +146,10 @@ def test_a_pth_needs_only_its_training_yaml(tmp_path, tiny_siglip_dir):
     add_model_flags(parser)
     loaded = load_from_args(parser.parse_args(["--checkpoint", str(pth), "--config", str(config)]))
     assert loaded.model.config.qk_norm and loaded.model.config.head_dim == 24
+    scaled = load_from_args(parser.parse_args(["--checkpoint", str(pth), "--config", str(config),
+                                               "--rope_yarn_factor", "16"]))
+    assert scaled.model.model.rotary.yarn == (16.0, 2048)  # tables reach 32768 > 2048: scaled
+    assert not torch.allclose(scaled.model.model.rotary.cos, loaded.model.model.rotary.cos)
     ids = torch.randint(10, 200, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, built.model.eval()(input_ids=ids).logits)

@@ -62,6 +62,9 @@ class ModelConfig:
     vocab_size: int | None = _f(None, "Vocabulary size; null = the tokenizer's size.")
     max_position_embeddings: int = _f(32768, "Longest position the rotary tables cover.")
     rope_theta: float = _f(1e6, "Rotary embedding base.")
+    rope_yarn_factor: float | None = _f(None, "YaRN scaling of RoPE for inference beyond the trained context "
+                                              "(MiniMind-V 3v's inference_rope_scaling: 16); null = off.")
+    rope_yarn_original: int = _f(2048, "YaRN: the context length the model was trained on.")
     dropout: float = _f(0.0, "Dropout on attention and residual branches.")
     n_routed_experts: int = _f(4, "MoE: routed experts per layer.")
     num_experts_per_tok: int = _f(2, "MoE: experts each token is routed to.")
@@ -102,9 +105,9 @@ class ModelConfig:
 # and `vlm.build` passes them on as they are (vocab_size is resolved against the tokenizer there).
 ARCHITECTURE_FIELDS = (
     "hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "rms_norm_eps", "qk_norm",
-    "max_position_embeddings", "rope_theta", "dropout", "n_routed_experts", "num_experts_per_tok",
-    "n_shared_experts", "aux_loss_alpha", "seq_aux", "moe_normalize_top1",
+    "intermediate_size", "rms_norm_eps", "qk_norm", "max_position_embeddings", "rope_theta", "rope_yarn_factor",
+    "rope_yarn_original", "dropout", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "aux_loss_alpha",
+    "seq_aux", "moe_normalize_top1",
 )
 
 
@@ -130,6 +133,8 @@ def architecture_problems(a: dict[str, Any], prefix: str = "") -> list[str]:
                         "embeddings")
     if a.get("intermediate_size") is not None and a["intermediate_size"] < 1:
         problems.append(f"{prefix}intermediate_size must be >= 1 or null, got {a['intermediate_size']}")
+    if a.get("rope_yarn_factor") is not None and a["rope_yarn_factor"] <= 1:
+        problems.append(f"{prefix}rope_yarn_factor must be > 1 or null, got {a['rope_yarn_factor']}")
     if a.get("rms_norm_eps", 1e-5) <= 0:
         problems.append(f"{prefix}rms_norm_eps must be > 0, got {a['rms_norm_eps']}")
     if heads % kv:

@@ -159,6 +159,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_layers", type=int, help=".pth only: number of layers (default 8)")
     p.add_argument("--use_moe", choices=("true", "false"), help=".pth only: MoE layers (default false)")
     p.add_argument("--image_placeholder", help=".pth only: placeholder token (default: found from the tokenizer)")
+    p.add_argument("--rope_yarn_factor", type=float, help="YaRN-scale RoPE by this factor for prompts beyond the "
+                                                         "trained context (MiniMind-V 3v: 16; default: as trained)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -168,5 +170,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace) -> LoadedVLM:
     """`load_model` with the flags of `add_model_flags`."""
     use_moe = None if args.use_moe is None else args.use_moe == "true"
-    return load_model(args.checkpoint, args.tokenizer, args.vision_model, args.dim, args.n_layers, use_moe,
-                      args.image_placeholder, args.device, args.dtype, args.max_pixels, args.config)
+    loaded = load_model(args.checkpoint, args.tokenizer, args.vision_model, args.dim, args.n_layers, use_moe,
+                        args.image_placeholder, args.device, args.dtype, args.max_pixels, args.config)
+    if args.rope_yarn_factor is not None:
+        if args.rope_yarn_factor <= 1:
+            raise ValueError(f"--rope_yarn_factor must be > 1, got {args.rope_yarn_factor}")
+        loaded.model.model.rotary.set_yarn(args.rope_yarn_factor, loaded.model.config.rope_yarn_original)
+    return loaded

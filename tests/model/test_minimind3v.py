@@ -104,3 +104,29 @@ def test_the_shipped_3v_configs_build_3vs_768_model():
                                           image_token_len=64, vision_hidden_size=768, projector=cfg.model.projector))
         assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_proj.")) == expected
         assert (model.config.head_dim, model.config.intermediate_size) == (96, ffn_width(768)) == (96, 2432)
+
+
+def test_yarn_scales_the_rope_frequencies_as_3v_does_and_only_when_asked():
+    """3v's numbers: head_dim 96, theta 1e6, 2048 trained positions -> the ramp runs from dimension 8 to 21;
+    below 8 the frequencies stay, from 21 on they are divided by the factor (16)."""
+    import math
+
+    from vlm.model.rope import rotary_tables, yarn_scale
+
+    scale = yarn_scale(96, 1e6, 16.0, 2048)
+    assert scale[:9].tolist() == [1.0] * 9 and torch.allclose(scale[21:], torch.full((27,), 1 / 16))
+    assert all(a > b for a, b in zip(scale[8:22].tolist(), scale[9:22].tolist()))  # the ramp in between
+    base_cos, _ = rotary_tables(96, 4096, 1e6)
+    yarn_cos, yarn_sin = rotary_tables(96, 4096, 1e6, yarn_factor=16.0, yarn_original=2048)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 96, 2).float() / 96)) * scale
+    angle = 3000 * inv_freq
+    torch.testing.assert_close(yarn_cos[3000], torch.cat([angle.cos(), angle.cos()]))
+    torch.testing.assert_close(yarn_sin[3000], torch.cat([angle.sin(), angle.sin()]))
+    assert not torch.allclose(yarn_cos, base_cos)
+    assert torch.equal(rotary_tables(96, 2048, 1e6, yarn_factor=16.0, yarn_original=2048)[0], base_cos[:2048])
+    cfg = config_3v(False).to_dict() | {"rope_yarn_factor": 16.0, "rope_yarn_original": 64}
+    model = MiniMindVLM(VLMConfig(**cfg))
+    assert not torch.allclose(model.model.rotary.cos, MiniMindVLM(config_3v(False)).model.rotary.cos)
+    model.model.rotary.set_yarn(None)
+    torch.testing.assert_close(model.model.rotary.cos, MiniMindVLM(config_3v(False)).model.rotary.cos)
+    assert math.isclose(float(scale[0]), 1.0)
