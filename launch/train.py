@@ -13,10 +13,12 @@ config, 74 a checkpoint could not be written, 75 checkpointed on a signal (reque
 
 import sys
 
-from vlm.train.cli import main
-from vlm.train.signals import die_with_parent
+if __name__ == "__mp_main__":  # a helper process the trainer spawned (its checkpoint writer) imports us so:
+    from vlm.train.signals import die_with_parent  # before the heavy imports below
+
+    die_with_parent()
+
+from vlm.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
-elif __name__ == "__mp_main__":  # a helper process the trainer spawned (its checkpoint writer) imports us so
-    die_with_parent()

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm.config import BUILTIN_TINY_VISION, Config, DataConfig
+from vlm.config import BUILTIN_TINY_VISION, Config, ConfigError, DataConfig
 from vlm.data.image import ImagePreprocessConfig
 from vlm.data.stages import SampleFormat
 from vlm.model.config import VLMConfig
@@ -73,13 +73,24 @@ def resolve_vision_folder(cfg: Config) -> Path:
 
 def model_config(cfg: Config, tokenizer, image_token_id: int, vision_config) -> VLMConfig:
     """The model's config: the YAML's architecture fields as they are, plus what the tokenizer and the
-    vision tower decide (vocabulary, placeholder id, image tokens per picture, special token ids)."""
+    vision tower decide (vocabulary, placeholder id, image tokens per picture, special token ids). Raises
+    ConfigError when the vision settings do not fit the tower (a feature layer it does not have, a pixel
+    shuffle its patch grid does not divide)."""
     drop = None if cfg.model.vision_cls == "drop" else 0  # None: every token before the patches
+    layers, layer = vision_config.num_hidden_layers, cfg.model.vision_feature_layer
+    problems = [] if -(layers + 1) <= layer <= layers else [
+        f"model.vision_feature_layer {layer} is not a layer of the vision tower ({layers} layers: -{layers + 1}..{layers})"]
+    try:
+        image_tokens = shuffled_tokens(num_image_tokens(vision_config, drop), cfg.model.pixel_shuffle)
+    except ValueError as err:
+        problems.append(f"model.pixel_shuffle: {err}")
+    if problems:
+        raise ConfigError(problems)
     return VLMConfig(
         **cfg.model.architecture(),
         vocab_size=cfg.model.vocab_size or len(tokenizer),
         image_token_id=image_token_id,
-        image_token_len=shuffled_tokens(num_image_tokens(vision_config, drop), cfg.model.pixel_shuffle),
+        image_token_len=image_tokens,
         projector=cfg.model.projector,
         pixel_shuffle=cfg.model.pixel_shuffle,
         vision_hidden_size=vision_config.hidden_size,

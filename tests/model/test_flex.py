@@ -14,8 +14,9 @@ from vlm.model.language_model import segment_attention
 
 pytestmark = pytest.mark.skipif(flex.flex_attention is None, reason="this PyTorch has no FlexAttention")
 
-# Two packed rows: three samples and padding; one sample filling the row, then two short ones.
-SEGMENTS = torch.tensor([[1] * 50 + [2] * 70 + [3] * 3 + [0] * 5, [1] * 100 + [2] * 20 + [3] * 8])
+# Two packed rows of two 128-token tiles: row 0 holds two samples, one per tile; row 1 a sample across both
+# tiles, two short ones and padding.
+SEGMENTS = torch.tensor([[1] * 128 + [2] * 128, [1] * 200 + [2] * 37 + [3] * 3 + [0] * 16])
 
 
 def test_segment_positions_count_as_the_dense_rule_does():
@@ -48,8 +49,9 @@ def test_flex_packed_rows_give_the_dense_results_and_skip_unshared_blocks(compil
         flexed = model(ids, attention_mask=SEGMENTS).logits
     real = SEGMENTS > 0
     torch.testing.assert_close(flexed[real], dense[real], atol=2e-5, rtol=1e-5)
-    # Row 0: segment 1 ends at 50 and segment 2 at 120, so query tile 0 (0..127) must read key tile 0 only.
-    assert mask.kv_num_blocks[0, 0, 0].item() == 1
+    # Query tile 1 of row 0 shares nothing with key tile 0 (another sample): one tile read, where causal
+    # attention alone would read two; row 1's sample spans both tiles, so there it reads two.
+    assert mask.kv_num_blocks[0, 0, 1].item() == 1 and mask.kv_num_blocks[1, 0, 1].item() == 2
 
 
 def test_the_dense_mask_where_flex_cannot_run():

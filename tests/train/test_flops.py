@@ -37,7 +37,7 @@ def test_frozen_parts_and_the_vision_tower_change_the_count_as_the_formula_says(
     # A frozen language model under a trained projector; a frozen tower of 5 Linear weights on 4 patches + the
     # class token, one 2-wide layer, a 7-weight patch embedding; a 3-weight projector. One row of 8 tokens.
     vision = dict(projector=3, projector_trained=True, image_tokens=4, vision_weights=5, vision_patch_weights=7,
-                  vision_layers=1, vision_width=2, vision_tokens=5)
+                  vision_layers=1, vision_width=2, vision_tokens=5, vision_patches=4)
     frozen_lm = lm((False, False), head_trained=False, embedding_trained=False, **vision)
     # With 2 images, gradients run down through every frozen block to the projector: 4W, attention 12 x 2 x 8.
     lm_part = ((4 * BLOCK + 12 * WIDTH * 8) * 2 + 4 * HEAD) * 8  # 3904
@@ -105,3 +105,4 @@ def test_the_shape_comes_from_layer_sizes_so_zero3_partitioned_weights_count_in_
     hidden, vocab = 32, 64
     assert before.stages[-1] == Stage(0, hidden * vocab, False, attention=False)  # the tied head, frozen
     assert before.vision_tokens == 17 and before.image_tokens == 16 and before.vision_patch_weights == 3 * 8 * 8 * 32
+    assert before.vision_patches == 16

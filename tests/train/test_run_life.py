@@ -125,6 +125,9 @@ def test_a_changed_model_shape_or_a_missing_checkpoint_is_named(shards60, tmp_pa
     assert train(shards60, out, "--max_steps", "3", "--dim", "128") == 1
     err = capsys.readouterr().err
     assert "model.hidden_size: 64 in step_000000002, 128 now" in err and "--resume never" in err
+    assert train(shards60, out, "--max_steps", "3", "--model.projector", "mlp", "--model.vision_cls", "keep") == 1
+    err = capsys.readouterr().err
+    assert "model.projector: 'linear' in step_000000002, 'mlp' now" in err and "model.vision_cls" in err
     assert train(shards60, out, "--max_steps", "3", "--resume", "latest") == 1
     assert "latest does not exist" in capsys.readouterr().err
 
@@ -616,3 +619,40 @@ def test_a_siglip_tower_trains_through_the_real_trainer(shards60, tmp_path, laun
     assert json.loads((out / "export" / "config.json").read_text())["image_token_len"] == tokens
     assert "Siglip" in json.loads((out / "export" / "vision_model" / "preprocessor_config.json").read_text())[
         "image_processor_type"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--model.vision_feature_layer", "5"), "model.vision_feature_layer 5 is not a layer of the vision tower"),
+    (("--model.pixel_shuffle", "3"), "model.pixel_shuffle: pixel shuffle by 3 needs a square grid"),
+    (("--model.pixel_shuffle", "2", "--model.vision_cls", "keep"), "keep model.vision_cls: drop"),
+])
+def test_vision_settings_the_tower_does_not_fit_stop_with_one_line(shards60, tmp_path, launch_env, capsys,
+                                                                   tiny_vision_dir, flags, message):
+    """The tiny CLIP tower (1 layer, a 4 x 4 patch grid, a CLS): what does not fit is named before anything runs."""
+    assert train(shards60, tmp_path / "o", "--max_steps", "1", "--model.vision_model", str(tiny_vision_dir),
+                 *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_background_writer_that_dies_stops_the_run_with_one_line_and_exit_74(shards60, tmp_path, launch_env,
+                                                                                capsys, monkeypatch):
+    """The writer is killed right after it was handed step 2's files: the checkpoint is never published, the
+    run stops at the next step with the checkpoint-write exit code, naming the cause; nothing hangs."""
+    import vlm.train.trainer as trainer_module
+
+    start = trainer_module.start_checkpoint
+
+    def start_then_kill_the_writer(engine, *args, **kwargs):
+        pending = start(engine, *args, **kwargs)
+        engine.checkpoint_engine.ckpt_process.kill()
+        engine.checkpoint_engine.ckpt_process.join()
+        return pending
+
+    monkeypatch.setattr(trainer_module, "start_checkpoint", start_then_kill_the_writer)
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "4", "--save_interval", "2", "--zero_stage", "3",
+                 "--train.async_checkpoint") == 74
+    err = capsys.readouterr().err
+    assert "background checkpoint writer process" in err and "Traceback" not in err
+    assert not list(out.glob("checkpoints/step_*/meta.json"))  # step 2 was never declared complete

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -292,9 +292,10 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-# Workers fork where the platform can, whatever start method a library set for the process since (DeepSpeed's
-# background checkpoint writer sets "spawn", which would re-import everything in every worker each epoch).
-WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+# Workers fork on Linux (its default), whatever start method a library set for the process since (DeepSpeed's
+# background checkpoint writer sets "spawn", which would re-import everything in every worker each epoch);
+# elsewhere the platform's default.
+WORKER_START = "fork" if sys.platform == "linux" else None
 
 
 class _Loader:

@@ -4,8 +4,10 @@ A packed row holds several samples; each token attends causally within its own s
 `vlm.model.language_model`). The dense path builds a (B, 1, T, T) bool mask, which rules out the fused
 SDPA kernels and computes every score. Here the same rule is a FlexAttention `mask_mod` (PyTorch >= 2.5):
 `create_block_mask` marks which (128 x 128) tiles two samples share, and the kernel skips the rest. It is
-fast only inside `torch.compile` (a compiled decoder block; the mask is built once per forward, outside
-the blocks, and shared by all layers), and PyTorch runs its backward on CUDA only.
+fast only inside `torch.compile` (a compiled decoder block), and PyTorch runs its backward on CUDA only.
+The block mask is built once per forward, outside the blocks, and shared by all layers; building it
+evaluates the rule on the whole (B, T, T) square once (eager `create_block_mask`), but the attention kernels
+never read a dense mask and skip the unshared tiles.
 
     mask = segment_block_mask(segment_ids)              # (B, T) ids, 0 = padding
     out = attend(q, k, v, mask, gqa=True)                # q (B, H, T, hd), k/v (B, H_kv, T, hd)
@@ -51,7 +53,7 @@ def segment_block_mask(segment_ids: torch.Tensor):
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) segment ids -> (B, T) long positions: how many earlier tokens of its own segment each token has
-    (0 for padding), as `language_model.segment_attention` counts them, without the (T, T) square.
+    (0 for padding), as `language_model.segment_attention` counts them, in O(T log T).
 
     A stable sort groups each row's tokens by segment in their order; a token's position is its rank in
     its group.

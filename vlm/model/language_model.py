@@ -12,7 +12,7 @@ counted). A missing mask (or, outside training, an all-ones one) takes SDPA's `i
 builds a mask tensor. Rows with several segments (packed rows) use a dense (B, 1, T, T) bool mask, or, once
 `MiniMindModel.packed_attention` is "flex" (`MiniMindVLM.compile_blocks` sets it) and the platform runs it
 (CUDA; on CPU PyTorch has no FlexAttention backward, so only without gradients), a FlexAttention block mask
-that skips the blocks two samples do not share and never materialises the square.
+with which the fused kernel skips the tiles two samples do not share.
 
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8))
     out = model(input_ids, attention_mask=mask, labels=labels)   # out.loss, out.aux_loss, out.logits

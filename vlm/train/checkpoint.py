@@ -135,8 +135,9 @@ def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
 
 
 # Settings whose change makes a checkpoint unloadable: the model's shapes and the optimizer's parameters.
-RESUME_FIXED = tuple(("model", name) for name in ARCHITECTURE_FIELDS + ("vocab_size", "tokenizer", "image_placeholder",
-                                                                        "vision_trainable")) + (
+RESUME_FIXED = tuple(("model", name) for name in ARCHITECTURE_FIELDS + (
+    "vocab_size", "tokenizer", "image_placeholder", "vision_trainable", "projector", "pixel_shuffle",
+    "vision_feature_layer", "vision_cls")) + (
     ("train", "trainable"), ("train", "trainable_patterns"))
 
 

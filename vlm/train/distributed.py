@@ -15,6 +15,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from deepspeed.checkpoint.constants import (
 
 from vlm.train.checkpoint import CheckpointError
 from vlm.train.launcher import DistEnv, LaunchError, normalize_launcher_env, unlaunchable
+from vlm.train.signals import TRAINER_PID_VAR
 
 
 def _skip_cpu_shm_comm_build() -> None:
@@ -120,6 +122,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_scheduler
         # method is already fixed, and a forked writer inherits every open file (out_dir's lock) and cannot
         # use CUDA. (The data loader's workers name their own start method.)
         torch.multiprocessing.set_start_method("spawn", force=True)
+        os.environ[TRAINER_PID_VAR] = str(os.getpid())  # the writer checks it is still this process's child
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                            lr_scheduler=lr_scheduler)
     return engine
@@ -248,12 +251,35 @@ def writes_checkpoints_in_background(engine) -> bool:
     return engine.checkpoint_engine.is_decoupled()
 
 
-def commit_checkpoint(engine) -> None:
+ASYNC_COMMIT_TIMEOUT_S = 3600.0  # how long a rank waits for its background writer to finish one checkpoint
+
+
+def commit_checkpoint(engine, timeout_s: float = ASYNC_COMMIT_TIMEOUT_S) -> None:
     """Wait until this rank's background writer has written every file of the pending checkpoint (a no-op
-    without one). DeepSpeed would do it at the next optimizer step; done here, the caller sees the error.
-    Raises RuntimeError when the writer process died or took longer than DeepSpeed's timeout (300 s)."""
-    if writes_checkpoints_in_background(engine):
-        engine._commit_decoupled_checkpoint()
+    without one). No collective: DeepSpeed's own commit adds barriers that a rank whose writer failed would
+    skip, leaving the others waiting; the caller agrees across ranks afterwards. Raises RuntimeError when the
+    writer process is gone or has not finished within `timeout_s` (DeepSpeed's own limit is 300 s)."""
+    if not writes_checkpoints_in_background(engine):
+        return
+    from deepspeed.runtime.checkpoint_engine.decoupled_checkpoint_engine import DecoupledEvent
+
+    writer = engine.checkpoint_engine
+    if writer.get_commit_info() is None:
+        return
+    writer.commit_info = None  # handled here; DeepSpeed's commit at the next step finds nothing to do
+    process = writer.ckpt_process
+    if process is None:  # a rank DeepSpeed gave no writer
+        return
+    if not process.is_alive():
+        raise RuntimeError("the background checkpoint writer process is gone (killed, out of memory?)")
+    writer.save_queue.put((None, DecoupledEvent.COMMIT_EVENT))
+    deadline = time.monotonic() + timeout_s
+    while not writer.save_event.wait(timeout=5.0):
+        if not process.is_alive():
+            raise RuntimeError("the background checkpoint writer process died while writing (out of memory?)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the background checkpoint writer did not finish within {timeout_s:.0f} s")
+    writer.save_event.clear()
 
 
 @contextlib.contextmanager

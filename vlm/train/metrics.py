@@ -67,10 +67,10 @@ class FlopShape:
 
     Weights are multiply-accumulates per token (a matmul weight's element count); embeddings are lookups and
     not among them. `stages`: the language model, input side first; `attention_width`: heads x head width of
-    its blocks. `projector`: the projector's weights, run on `image_tokens` (patches) rows per image.
-    `vision_weights`: the tower's Linear weights, run on `vision_tokens` (patches + the class token) per
-    image; `vision_patch_weights`: its patch embedding, run on the patches; `vision_layers`, `vision_width`:
-    its attention. `vision_tokens` is 0 when there is no tower.
+    its blocks. `projector`: the projector's weights, run on `image_tokens` rows per image (the patches, after
+    any pixel shuffle). `vision_weights`: the tower's Linear weights, run on `vision_tokens` (its whole output:
+    patches + CLIP's class token) per image; `vision_patch_weights`: its patch embedding, run on the
+    `vision_patches`; `vision_layers`, `vision_width`: its attention. `vision_tokens` is 0 without a tower.
     """
 
     stages: tuple[Stage, ...]
@@ -84,6 +84,7 @@ class FlopShape:
     vision_layers: int = 0
     vision_width: int = 0
     vision_tokens: int = 0
+    vision_patches: int = 0
     vision_trained: bool = False
 
 
@@ -124,10 +125,10 @@ def micro_batch_flops(shape: FlopShape, rows: int, row_len: int, images: int,
         flops += per_token * (head_positions if head else tokens)
         grad_flows = backward
     if images > 0:
-        patches, seq = shape.image_tokens, shape.vision_tokens
-        flops += 2 * shape.projector * images * patches * (1 + shape.projector_trained + shape.vision_trained)
+        rows, seq = shape.image_tokens, shape.vision_tokens
+        flops += 2 * shape.projector * images * rows * (1 + shape.projector_trained + shape.vision_trained)
         tower = 2 * shape.vision_weights * seq + 4 * shape.vision_layers * shape.vision_width * seq**2
-        patch_embedding = 2 * shape.vision_patch_weights * patches
+        patch_embedding = 2 * shape.vision_patch_weights * shape.vision_patches
         if shape.vision_trained:
             tower, patch_embedding = 3 * tower, 2 * patch_embedding
         flops += images * (tower + patch_embedding)
@@ -157,7 +158,8 @@ def flop_shape(model: nn.Module) -> FlopShape:
         vision = {"vision_weights": sum(_matmul_weights(encoder)),
                   "vision_patch_weights": sum(_matmul_weights(encoder, nn.Conv2d)),
                   "vision_layers": vc.num_hidden_layers, "vision_width": vc.hidden_size,
-                  "vision_tokens": num_image_tokens(vc, drop_leading=0), "vision_trained": _any_trained(encoder)}
+                  "vision_tokens": num_image_tokens(vc, drop_leading=0),
+                  "vision_patches": (vc.image_size // vc.patch_size) ** 2, "vision_trained": _any_trained(encoder)}
     return FlopShape(tuple(stages), config.num_attention_heads * config.head_dim,
                      embedding_trained=model.model.embed_tokens.weight.requires_grad,
                      projector=sum(_matmul_weights(model.vision_proj)),

@@ -406,6 +406,9 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
     elif files_ok:
         try:
             counts = estimate_parameters(cfg)
+        except ConfigError as err:  # vision settings the tower does not fit: the run would stop on them
+            for problem in err.problems:
+                report.add(PROBLEM, "config", problem)
         except (OSError, ValueError, VisionEncoderError) as err:
             report.add(WARNING, "files", f"could not count the model's parameters: {err}")
     check_out_dir(cfg, report, counts, check_lock)

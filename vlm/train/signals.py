@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 
 EXIT_CHECKPOINTED_ON_SIGNAL = 75  # EX_TEMPFAIL: "try again later"
+TRAINER_PID_VAR = "VLM_TRAINER_PID"  # the rank that starts helper processes, for `die_with_parent`
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # In a launcher's command line: the `deepspeed` command, its per-node launcher, torchrun's agent.
 LAUNCHER_MARKS = ("bin/deepspeed ", "deepspeed.launcher.launch", "torch.distributed.run", "bin/torchrun ")
@@ -96,11 +97,11 @@ def die_with_parent() -> None:
     import ctypes
     import ctypes.util
 
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    trainer = os.environ.get(TRAINER_PID_VAR, "")
+    if trainer.isdigit() and os.getppid() != int(trainer):  # the trainer died before prctl took effect
         os._exit(1)
