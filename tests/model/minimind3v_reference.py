@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tests.model.minimind_reference import rms_norm, rope_tables, rotate
+from tests.model.minimind_reference import rms_norm, rope_tables, rotate, write_image_runs
 
 
 def ffn_width(hidden: int) -> int:
@@ -42,16 +42,9 @@ def reference_logits(state: dict, cfg, input_ids: torch.Tensor, image_features=N
     input_ids (B, T); image_features (B, N, run, D) already projected. Returns logits (B, T, vocab)."""
     bsz, seq = input_ids.shape
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    h = state["model.embed_tokens.weight"][input_ids].clone()
+    h = state["model.embed_tokens.weight"][input_ids]
     if image_features is not None:
-        for b in range(bsz):
-            ids, k, t = input_ids[b].tolist(), 0, 0
-            while t < seq:
-                if ids[t : t + run] == [pad_id] * run:
-                    h[b, t : t + run] = image_features[b, k]
-                    k, t = k + 1, t + run
-                else:
-                    t += 1
+        h = write_image_runs(h, input_ids, image_features, pad_id, run)
     cos, sin = rope_tables(hd, seq, cfg.rope_theta)
     causal = torch.triu(torch.full((seq, seq), float("-inf")), diagonal=1)
     eps = cfg.rms_norm_eps

@@ -32,6 +32,20 @@ def rotate(x, cos, sin):
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def write_image_runs(h, input_ids, image_features, image_id, run):
+    """A copy of h (B, T, D) with the k-th run of `run` ids `image_id` in row b replaced by image_features[b, k]."""
+    h = h.clone()
+    for b in range(input_ids.shape[0]):
+        ids, k, t = input_ids[b].tolist(), 0, 0
+        while t < len(ids):
+            if ids[t : t + run] == [image_id] * run:
+                h[b, t : t + run] = image_features[b, k]
+                k, t = k + 1, t + run
+            else:
+                t += 1
+    return h
+
+
 def reference_logits(state, cfg, input_ids, attention_mask=None, image_features=None):
     """state: MiniMind-V state dict (fp32); input_ids (B, T); image_features (B, N, L, D) already projected."""
     bsz, seq = input_ids.shape
@@ -39,16 +53,7 @@ def reference_logits(state, cfg, input_ids, attention_mask=None, image_features=
     head_dim = cfg.hidden_size // heads
     h = state["model.embed_tokens.weight"][input_ids]  # (B, T, D)
     if image_features is not None:
-        h = h.clone()
-        run = cfg.image_token_len
-        for b in range(bsz):
-            ids, k, t = input_ids[b].tolist(), 0, 0
-            while t < seq:
-                if ids[t : t + run] == [cfg.image_token_id] * run:
-                    h[b, t : t + run] = image_features[b, k]
-                    k, t = k + 1, t + run
-                else:
-                    t += 1
+        h = write_image_runs(h, input_ids, image_features, cfg.image_token_id, cfg.image_token_len)
     cos, sin = rope_tables(head_dim, seq, cfg.rope_theta)
     causal = torch.triu(torch.full((seq, seq), float("-inf")), diagonal=1)
     for i in range(cfg.num_hidden_layers):
