@@ -282,7 +282,7 @@ class SyncCounter:
     def installed(self):
         from vlm.train import trainer
 
-        run_micro_batch, save_checkpoint = trainer.run_micro_batch, trainer.save_checkpoint
+        run_micro_batch, start_checkpoint = trainer.run_micro_batch, trainer.start_checkpoint
 
         def counted_micro_batch(*args, **kwargs):
             self.micro_batches += 1
@@ -292,10 +292,10 @@ class SyncCounter:
 
         def uncounted_save(*args, **kwargs):
             self._set(False)
-            return save_checkpoint(*args, **kwargs)
+            return start_checkpoint(*args, **kwargs)
 
         with (mock.patch.object(trainer, "run_micro_batch", counted_micro_batch),
-              mock.patch.object(trainer, "save_checkpoint", uncounted_save),
+              mock.patch.object(trainer, "start_checkpoint", uncounted_save),
               warnings.catch_warnings(record=True) as self.caught):
             warnings.simplefilter("always")  # every occurrence, not once per call site
             try:
