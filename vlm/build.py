@@ -77,8 +77,8 @@ def model_config(cfg: Config, tokenizer, image_token_id: int, vision_config) -> 
     ConfigError when the vision settings do not fit the tower (a feature layer it does not have, a pixel
     shuffle its patch grid does not divide)."""
     drop = None if cfg.model.vision_cls == "drop" else 0  # None: every token before the patches
-    layers, layer = vision_config.num_hidden_layers, cfg.model.vision_feature_layer
-    problems = [] if -(layers + 1) <= layer <= layers else [
+    layers, layer = getattr(vision_config, "num_hidden_layers", None), cfg.model.vision_feature_layer
+    problems = [] if layers is None or -(layers + 1) <= layer <= layers else [
         f"model.vision_feature_layer {layer} is not a layer of the vision tower ({layers} layers: -{layers + 1}..{layers})"]
     try:
         image_tokens = shuffled_tokens(num_image_tokens(vision_config, drop), cfg.model.pixel_shuffle)

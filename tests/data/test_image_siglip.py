@@ -132,3 +132,21 @@ def test_unknown_layouts_name_the_file_and_key(tmp_path, content, key):
         ImagePreprocessConfig.from_folder(tmp_path)
     message = str(caught.value)
     assert str(file) in message and "\n" not in message
+
+
+def test_vit_image_processor_configs_read_the_same_way_with_its_own_default(tmp_path):
+    """ViTImageProcessor: the exact resize of SigLIP's layout; bilinear when the file does not say."""
+    from transformers import ViTImageProcessorPil
+
+    ViTImageProcessorPil(size={"height": 48, "width": 40}).save_pretrained(tmp_path)
+    reference = ViTImageProcessorPil.from_pretrained(tmp_path)
+    cfg = ImagePreprocessConfig.from_folder(tmp_path)
+    assert (cfg.size, cfg.do_center_crop, cfg.resample) == ((48, 40), False, 2)
+    ours = ImagePreprocessor(cfg)
+    for k, (w, h) in enumerate(SIZES):  # RGB: HF's ViT processor does not convert other modes itself
+        image = picture(k, w, h, "RGB")
+        expected = reference(image, return_tensors="pt")["pixel_values"][0]
+        assert (ours(image) - expected).abs().max().item() <= TOLERANCE
+    raw = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    del raw["resample"]
+    assert ImagePreprocessConfig.from_dict(raw).resample == 2  # ViTImageProcessor's default, not SigLIP's 3

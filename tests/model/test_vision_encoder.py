@@ -111,3 +111,26 @@ def test_the_feature_layer_and_keeping_clips_cls(tmp_path):
         torch.testing.assert_close(kept, clip(pixel_values=pixels).last_hidden_state)
     assert num_image_tokens(clip.config, drop_leading=0) == kept.shape[1] == 17
     assert type(build_vision_encoder(read_vision_config(folder))).__name__ == "SiglipVisionModel"
+
+
+def test_another_transformers_vision_tower_loads_with_its_leading_tokens_counted(tmp_path):
+    """A ViT (not CLIP, not SigLIP): loaded through the Auto classes, its CLS found by running it once, dropped."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**TINY)).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    encoder = load_vision_encoder(tmp_path / "vit")
+    assert type(encoder).__name__ == "ViTModel" and encoder.config.vlm_leading_tokens == 1
+    assert num_image_tokens(encoder.config) == 16 and num_image_tokens(encoder.config, drop_leading=0) == 17
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_images(encoder, pixels), vit(pixel_values=pixels).last_hidden_state[:, 1:])
+
+
+def test_a_folder_of_a_model_that_is_not_a_vision_tower_is_refused_naming_it(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(VisionEncoderError, match="holds a 'gpt2' model, not a fixed-resolution vision tower"):
+        load_vision_encoder(tmp_path)

@@ -656,3 +656,27 @@ def test_a_background_writer_that_dies_stops_the_run_with_one_line_and_exit_74(s
     err = capsys.readouterr().err
     assert "background checkpoint writer process" in err and "Traceback" not in err
     assert not list(out.glob("checkpoints/step_*/meta.json"))  # step 2 was never declared complete
+
+
+def test_another_transformers_tower_trains_and_its_export_chats(shards60, tmp_path, launch_env):
+    """A ViT tower (neither CLIP nor SigLIP) with its own processor: trains, exports, and answers."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    from tests.tiny_vlm import picture
+    from vlm.inference import GenerationSettings, load_model
+
+    vit = tmp_path / "vit"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2)).save_pretrained(vit)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(vit)
+    out = tmp_path / "o"
+    assert train(shards60, out, "--max_steps", "2", "--model.vision_model", str(vit),
+                 "--model.vision_trainable=false", "--train.trainable", "projector+lm") == 0
+    assert json.loads((out / "export" / "config.json").read_text())["image_token_len"] == 16  # 4 x 4, CLS dropped
+    loaded = load_model(out / "export")
+    assert type(loaded.model.get_vision_encoder()).__name__ == "ViTModel"
+    reply = loaded.generate([{"role": "user", "content": "<image>\nWhat is it?"}], [picture((200, 30, 30))],
+                            GenerationSettings(max_new_tokens=3))
+    assert isinstance(reply, str)

@@ -45,6 +45,8 @@ SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 """SiglipImageProcessor's defaults (IMAGENET_STANDARD_MEAN / _STD), for files without image_mean / _std."""
 SIGLIP_TYPES = frozenset({"SiglipImageProcessor", "SiglipImageProcessorPil", "SiglipImageProcessorFast"})
 """`image_processor_type`s read with the SigLIP layout (exact resize, no crop, SigLIP defaults)."""
+VIT_TYPES = frozenset({"ViTImageProcessor", "ViTImageProcessorPil", "ViTImageProcessorFast"})
+"""`image_processor_type`s with the same layout as SigLIP's but bilinear by default (ViTImageProcessor)."""
 
 
 class ImageConfigError(ValueError):
@@ -125,8 +127,8 @@ class ImagePreprocessConfig:
         """Interpret a preprocessor-config dict the way its HF processor does.
 
         `image_processor_type` SiglipImageProcessor (or its Pil / Fast variant): `size` {"height", "width"},
-        SigLIP's defaults for absent keys (224 x 224, mean and std 0.5, bicubic, no crop). Anything else:
-        CLIPImageProcessor's layouts (old and new) and defaults.
+        SigLIP's defaults for absent keys (224 x 224, mean and std 0.5, bicubic, no crop); ViTImageProcessor the
+        same with bilinear. Anything else: CLIPImageProcessor's layouts (old and new) and defaults.
         """
 
         def fail(key: str, why: str) -> ImageConfigError:
@@ -135,8 +137,9 @@ class ImagePreprocessConfig:
         if raw.get("do_resize", True) is not True:
             raise fail("do_resize", "must be true: pictures of any size are resized to the encoder's size")
         kind = raw.get("image_processor_type")
-        if kind in SIGLIP_TYPES:
-            return cls._from_siglip_dict(raw, fail)
+        if kind in SIGLIP_TYPES or kind in VIT_TYPES:
+            default = Image.Resampling.BICUBIC if kind in SIGLIP_TYPES else Image.Resampling.BILINEAR
+            return cls._from_siglip_dict(raw, fail, default)
         if isinstance(kind, str) and kind.lower().startswith("siglip"):
             raise fail(
                 "image_processor_type",
@@ -149,7 +152,7 @@ class ImagePreprocessConfig:
                 raise fail(
                     "size",
                     "must be {'shortest_edge': N} or an int (CLIP's shortest-edge resize), or {'height': H, "
-                    "'width': W} with image_processor_type SiglipImageProcessor (SigLIP's exact resize)",
+                    "'width': W} with image_processor_type SiglipImageProcessor or ViTImageProcessor (exact resize)",
                 )
             size = size["shortest_edge"]
         crop = raw.get("crop_size", 224)
@@ -178,8 +181,10 @@ class ImagePreprocessConfig:
         )
 
     @classmethod
-    def _from_siglip_dict(cls, raw: Mapping[str, Any], fail) -> ImagePreprocessConfig:
-        """SiglipImageProcessor's reading: exact resize to `size`, its defaults for absent keys."""
+    def _from_siglip_dict(cls, raw: Mapping[str, Any], fail,
+                          default_resample: int = Image.Resampling.BICUBIC) -> ImagePreprocessConfig:
+        """SiglipImageProcessor's (and ViTImageProcessor's) reading: exact resize to `size`, their defaults for
+        absent keys (224 x 224, mean and std 0.5, `default_resample`, no crop)."""
         size = raw.get("size", {"height": 224, "width": 224})
         keys = set(k for k, v in size.items() if v is not None) if isinstance(size, Mapping) else None
         if keys != {"height", "width"}:
@@ -205,7 +210,7 @@ class ImagePreprocessConfig:
             size=(size["height"], size["width"]),
             mean=mean,
             std=std,
-            resample=int(raw.get("resample", Image.Resampling.BICUBIC)),  # SiglipImageProcessor's default
+            resample=int(raw.get("resample", default_resample)),
             rescale_factor=float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0,
             **crop_kwargs,
         )

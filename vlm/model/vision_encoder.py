@@ -3,7 +3,11 @@
 Supported folders (their config.json's `model_type`): a whole CLIP or SigLIP model (`clip`, `siglip`: the
 vision side is kept) or its vision tower alone (`clip_vision_model`, `siglip_vision_model`). SigLIP2's
 fixed-resolution checkpoints (e.g. siglip2-base-patch32-256, MiniMind-V's tower since 2025-12) are SigLIP
-folders; its variable-resolution "naflex" ones (`siglip2`) are not supported.
+folders; its variable-resolution "naflex" ones (`siglip2`) are not supported. Any other fixed-resolution vision
+tower transformers' Auto classes load (its config, or its `vision_config`, has `image_size` and
+`patch_size`; its output `last_hidden_state`) works too: how many tokens come before its patches (a CLS,
+registers) is counted once at load by running it on a blank picture. Its pictures must be of the config's
+`image_size` (a tower whose processor crops to another size, e.g. DINOv2's, is not supported).
 
 Image features are taken as MiniMind-V takes them: by default the tower's `last_hidden_state` (CLIP: before
 its post-layernorm, which CLIP applies only to the pooled output; SigLIP: after it) without the tokens that
@@ -26,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
@@ -130,10 +135,18 @@ def _checked_model_type(folder: Path) -> str:
             "(see README) or set model.vision_model"
         )
     model_type = _read_model_type(folder)
-    if model_type not in TOWERS:
+    if model_type in TOWERS:
+        return model_type
+    try:
+        config = AutoConfig.from_pretrained(folder) if model_type != "siglip2" else None
+    except (OSError, ValueError) as err:
+        raise VisionEncoderError(f"{folder} holds a {model_type!r} model that transformers cannot read: {err}") from err
+    vision = getattr(config, "vision_config", None) or config
+    if vision is None or not all(isinstance(getattr(vision, k, None), int) for k in ("image_size", "patch_size")):
         raise VisionEncoderError(
-            f"{folder} holds a {model_type!r} model; a vision tower of one of the types {sorted(TOWERS)} is needed "
-            "(SigLIP2's fixed-resolution checkpoints are 'siglip'; its naflex 'siglip2' ones are not supported)"
+            f"{folder} holds a {model_type!r} model, not a fixed-resolution vision tower (its config has no image_size "
+            f"and patch_size); use a vision tower: {sorted(TOWERS)} or another transformers one (SigLIP2's "
+            "fixed-resolution checkpoints are 'siglip'; its naflex 'siglip2' ones are not supported)"
         )
     return model_type
 
@@ -146,11 +159,12 @@ def load_vision_encoder(path: str | Path) -> nn.Module:
     """
     folder = Path(path).expanduser()
     model_type = _checked_model_type(folder)
-    _, model_class = TOWERS[model_type]
+    _, model_class = TOWERS.get(model_type, (None, AutoModel))
     try:
         encoder, info = model_class.from_pretrained(folder, output_loading_info=True)
-        if model_type in ("clip", "siglip"):  # a whole model's folder: keep its vision tower, drop the text side
-            encoder = encoder.vision_model
+        if model_type in ("clip", "siglip") or (
+                model_class is AutoModel and hasattr(encoder, "vision_model") and hasattr(encoder.config, "vision_config")):
+            encoder = encoder.vision_model  # a whole model's folder: keep its vision tower, drop the text side
     except (OSError, ValueError, RuntimeError) as err:
         raise VisionEncoderError(f"cannot load the vision encoder from {folder}: {err}") from err
     missing = [k for k in info["missing_keys"] if "text_model" not in k and not k.endswith("position_ids")]
@@ -159,7 +173,32 @@ def load_vision_encoder(path: str | Path) -> nn.Module:
             f"vision encoder weights in {folder} are incomplete: missing {missing[:8]}, "
             f"mismatched {list(info.get('mismatched_keys') or [])[:8]}"
         )
+    if _family(encoder.config) not in LEADING_TOKENS:
+        _count_leading_tokens(encoder, folder)
     return freeze_vision_encoder(encoder)
+
+
+def _family(config: PretrainedConfig) -> str:
+    return TOWERS.get(config.model_type, (config.model_type.removesuffix("_vision_model"),))[0]
+
+
+def _count_leading_tokens(encoder: nn.Module, folder: Path) -> None:
+    """Run a tower of another family once on a blank picture: its output tokens less its patches are the tokens
+    before the patches; recorded on its config (`vlm_leading_tokens`). VisionEncoderError when it does not fit."""
+    config = encoder.config
+    patches = (config.image_size // config.patch_size) ** 2
+    channels = getattr(config, "num_channels", 3)
+    try:
+        with torch.no_grad():
+            out = encoder(pixel_values=torch.zeros(1, channels, config.image_size, config.image_size))
+        tokens = out.last_hidden_state.shape[1]
+    except Exception as err:  # any failure here means the tower does not work the way this loader needs
+        raise VisionEncoderError(f"the vision tower in {folder} does not give last_hidden_state for a picture: "
+                                 f"{type(err).__name__}: {err}") from err
+    if channels != 3 or tokens < patches:
+        raise VisionEncoderError(f"the vision tower in {folder} gives {tokens} tokens for {patches} patches of a "
+                                 f"{channels}-channel picture; an RGB tower with one token per patch is needed")
+    config.vlm_leading_tokens = tokens - patches
 
 
 def freeze_vision_encoder(encoder: nn.Module) -> nn.Module:
@@ -170,17 +209,22 @@ def freeze_vision_encoder(encoder: nn.Module) -> nn.Module:
 
 def build_vision_encoder(config: PretrainedConfig) -> nn.Module:
     """A randomly initialised tower of a vision config (`read_vision_config`'s), e.g. on the meta device."""
-    if config.model_type not in TOWERS:
-        raise VisionEncoderError(f"unsupported vision tower type {config.model_type!r}")
-    return TOWERS[config.model_type][1](config)
+    if config.model_type in TOWERS:
+        return TOWERS[config.model_type][1](config)
+    return AutoModel.from_config(config)
 
 
 def leading_tokens(config: PretrainedConfig) -> int:
-    """How many tokens come before the patches in the tower's output (CLIP: 1, its CLS; SigLIP: 0)."""
-    family = TOWERS.get(config.model_type, (config.model_type.removesuffix("_vision_model"),))[0]
-    if family not in LEADING_TOKENS:
-        raise VisionEncoderError(f"unsupported vision tower type {config.model_type!r}")
-    return LEADING_TOKENS[family]
+    """How many tokens come before the patches in the tower's output (CLIP: 1, its CLS; SigLIP: 0; another
+    family: as counted by `load_vision_encoder`). VisionEncoderError for a tower of another family not loaded so."""
+    family = _family(config)
+    if family in LEADING_TOKENS:
+        return LEADING_TOKENS[family]
+    counted = getattr(config, "vlm_leading_tokens", None)
+    if counted is None:
+        raise VisionEncoderError(f"the tokens before the patches of a {config.model_type!r} tower are counted when "
+                                 "it is loaded (load_vision_encoder); this one was not")
+    return counted
 
 
 def num_image_tokens(config: PretrainedConfig, drop_leading: int | None = None) -> int:
