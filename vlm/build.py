@@ -120,4 +120,9 @@ def build(cfg: Config) -> Built:
         load_minimind_weights(model, init, allow_missing=cfg.model.init_allow_missing)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    return Built(model, tokenizer, ImagePreprocessConfig.from_folder(vision_folder), vision_folder, image_token_id)
+    image_config = ImagePreprocessConfig.from_folder(vision_folder)
+    size = getattr(encoder.config, "image_size", None)
+    if image_config.output_shape is not None and size is not None and image_config.output_shape[1:] != (size, size):
+        raise ConfigError([f"the preprocessor config in {vision_folder} makes {image_config.output_shape[1]} x "
+                           f"{image_config.output_shape[2]} pictures but the vision tower takes {size} x {size}"])
+    return Built(model, tokenizer, image_config, vision_folder, image_token_id)

@@ -134,3 +134,18 @@ def test_a_folder_of_a_model_that_is_not_a_vision_tower_is_refused_naming_it(tmp
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)
     with pytest.raises(VisionEncoderError, match="holds a 'gpt2' model, not a fixed-resolution vision tower"):
         load_vision_encoder(tmp_path)
+
+
+def test_a_preprocessor_that_makes_another_size_than_the_tower_takes_is_named(tmp_path):
+    """A 48 x 48 processor for a 32 px tower: a config error naming both sizes, before any training."""
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    from vlm.build import build
+    from vlm.config import Config, ConfigError, DataConfig, ModelConfig
+
+    SiglipVisionModel(SiglipVisionConfig(**TINY)).save_pretrained(tmp_path)
+    SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(tmp_path)
+    cfg = Config(model=ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vision_model=str(tmp_path)),
+                 data=DataConfig(train_shards=["unused"]))
+    with pytest.raises(ConfigError, match="makes 48 x 48 pictures but the vision tower takes 32 x 32"):
+        build(cfg)
