@@ -85,7 +85,7 @@ class ModelConfig:
     vision_feature_layer: int = _f(-1, "The tower's layer whose output becomes the image tokens: -1 = its output "
                                        "(last_hidden_state, MiniMind-V's), -2 = the second to last layer (LLaVA's).")
     projector: str = _f("linear", "Projector: 'linear' (MiniMind-V 623a130), 'mlp' (LayerNorm, Linear, GELU, Linear: "
-                                  "MiniMind-V since 2025-12) or 'mlp2x_gelu' (LLaVA-1.5's).")
+                                  "MiniMind-V 3v) or 'mlp2x_gelu' (LLaVA-1.5's).")
     pixel_shuffle: int = _f(1, "Merge each s x s block of neighbouring patches into one image token before the "
                                "projector (196 -> 49 tokens at 2); 1 = off.")
     vision_cls: str = _f("drop", "'drop' the tokens before the patches (CLIP's CLS; SigLIP has none) or 'keep' "

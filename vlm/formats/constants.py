@@ -15,7 +15,7 @@ decompression bombs: by the sharder (`--max-pixels`), training (`data.max_pixels
 (`--max_pixels`). 67,108,864 pixels: an 8192 x 8192 picture still passes."""
 
 PROJECTORS = ("linear", "mlp", "mlp2x_gelu")
-"""Projector kinds (`vlm.model.projector`): MiniMind-V 623a130's Linear, MiniMind-V's MLP since 2025-12, LLaVA-1.5's."""
+"""Projector kinds (`vlm.model.projector`): MiniMind-V 623a130's Linear, MiniMind-V 3v's MLP, LLaVA-1.5's."""
 BATCHING = ("dynamic", "pack", "max_len")
 """How the collator forms rows (`data.batching`): pad to the longest row (multiple of 8), pack samples into
 rows of max_seq_len, or pad every row to max_seq_len."""

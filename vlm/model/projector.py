@@ -3,7 +3,7 @@
 Kinds (`VLMConfig.projector`), each with the state-dict names of the project whose layout it is:
 
     linear      Linear                                  vision_proj.vision_proj.0.*   MiniMind-V 623a130
-    mlp         LayerNorm -> Linear -> GELU -> Linear   vision_proj.mlp.{0,1,3}.*     MiniMind-V since 2025-12
+    mlp         LayerNorm -> Linear -> GELU -> Linear   vision_proj.mlp.{0,1,3}.*     MiniMind-V 3v
     mlp2x_gelu  Linear -> GELU -> Linear                vision_proj.mlp.{0,2}.*       LLaVA-1.5's projector
 
 Pixel shuffle (`VLMConfig.pixel_shuffle` = s > 1) merges every s x s block of neighbouring patches into one

@@ -2,7 +2,7 @@
 
 Supported folders (their config.json's `model_type`): a whole CLIP or SigLIP model (`clip`, `siglip`: the
 vision side is kept) or its vision tower alone (`clip_vision_model`, `siglip_vision_model`). SigLIP2's
-fixed-resolution checkpoints (e.g. siglip2-base-patch32-256, MiniMind-V's tower since 2025-12) are SigLIP
+fixed-resolution checkpoints (e.g. siglip2-base-patch32-256, MiniMind-V 3v's tower) are SigLIP
 folders; its variable-resolution "naflex" ones (`siglip2`) are not supported. Any other fixed-resolution vision
 tower transformers' Auto classes load (its config, or its `vision_config`, has `image_size` and
 `patch_size`; its output `last_hidden_state`) works too: how many tokens come before its patches (a CLS,

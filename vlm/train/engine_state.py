@@ -1,11 +1,11 @@
 """Saving and restoring a DeepSpeed engine's training state in the checkpoint folders of `vlm.train.checkpoint`.
 
-Collective: every rank calls `save_checkpoint` (or `start_checkpoint`, then `finish_checkpoint`) and
-`load_checkpoint`. Model, optimizer and schedule are DeepSpeed's files; every rank's RNG state goes to
-rng/rank{r}.pt|json; rank 0 writes meta.json last, once every rank's files are on disk, which makes the
-checkpoint complete. With DeepSpeed's background writer (train.async_checkpoint) that is when the writer
-processes are done, so a run killed before then resumes from the checkpoint before. A checkpoint written on another number of ranks is loaded
-through DeepSpeed's universal checkpoint, converted once beside it.
+Collective: every rank calls `start_checkpoint`, then `finish_checkpoint` (a save), and `load_checkpoint`.
+Model, optimizer and schedule are DeepSpeed's files; every rank's RNG state goes to rng/rank{r}.pt|json; rank 0
+writes meta.json last, once every rank's files are on disk, which makes the checkpoint complete. With
+DeepSpeed's background writer (train.async_checkpoint) that is when the writer processes are done, so a run
+killed before then resumes from the checkpoint before. A checkpoint written on another number of ranks is
+loaded through DeepSpeed's universal checkpoint, converted once beside it.
 """
 
 from __future__ import annotations
@@ -70,12 +70,6 @@ class PendingCheckpoint:
     step: int
     meta: dict[str, Any]
     keep: int
-
-
-def save_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder once it is complete and published
-    (`start_checkpoint`, then `finish_checkpoint`)."""
-    return finish_checkpoint(engine, start_checkpoint(engine, out_dir, step, meta, keep))
 
 
 def start_checkpoint(engine, out_dir: str | Path, step: int, meta: dict[str, Any], keep: int) -> PendingCheckpoint:
