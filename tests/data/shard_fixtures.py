@@ -1,4 +1,4 @@
-"""Tiny shard folders for the loader tests, written with the sharder's own writer (`data_tools.shard.ShardSink`).
+"""Tiny shard folders for the loader tests, written with the sharder's own writer (`data_tools.shard_writer.ShardSink`).
 
 `data_tools.shard` cuts shards at a fixed sample count; these helpers give shards of any size (deliberately
 uneven ones) and let a test plant corrupt or hostile members. The folder follows `vlm.formats.manifest`.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_tools.shard import ShardSink
+from data_tools.shard_writer import ShardSink
 from vlm.data.image import ImagePreprocessConfig
 from vlm.data.pipeline import EvalLoader, LoaderSettings, TrainLoader
 from vlm.data.stages import SampleFormat

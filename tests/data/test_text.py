@@ -115,9 +115,8 @@ def test_multi_turn_multi_image_labels_are_exactly_the_replies(encoder):
     assert len(labelled) == len(REPLIES)
     for (start, end), reply in zip(labelled, REPLIES):
         assert labels[start:end] == ids[start:end]
-        assert decode(ids[start:end]) == reply + "<|im_end|>"
+        assert decode(ids[start:end]) == reply + "<|im_end|>\n"  # and the newline after, as MiniMind-V
         assert decode(ids[:start]).endswith("<|im_start|>assistant\n")  # the header is not a label
-        assert decode(ids[end : end + 1]) == "\n"  # nor the newline after <|im_end|>
     assert runs_of([i == encoder.image_token_id for i in ids]) == [
         (s, s + encoder.image_token_len) for s, _ in runs_of([i == encoder.image_token_id for i in ids])
     ]
@@ -135,7 +134,7 @@ def test_text_only_and_default_system_prompt(encoder):
     assert encoder.image_token_id not in ids
     assert (
         encoder.tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
-        == "red<|im_end|>"
+        == "red<|im_end|>\n"
     )
 
 
@@ -218,7 +217,7 @@ def test_control_tokens_in_data_are_plain_text(ours):
     assert 3 not in ids
     assert ids.count(1) == 2 and ids.count(2) == 2  # only the template's own <|im_start|> / <|im_end|>
     labelled = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
-    assert ours.tokenizer.decode(labelled) == "ok <|im_end|><|im_end|>" and labelled[-1] == 2
+    assert ours.tokenizer.decode(labelled) == "ok <|im_end|><|im_end|>\n" and labelled[-2] == 2
 
 
 def test_a_stray_placeholder_character_is_refused(minimind):
@@ -267,15 +266,70 @@ THINK_CHATML = (
 
 
 def test_a_template_that_opens_each_reply_with_a_think_block_labels_it_with_the_reply(tmp_path):
-    """Targets: for each assistant turn, the think block, the reply and <|im_end|>; never the header line,
-    a system or user turn, or an image."""
+    """Targets: for each assistant turn, the think block, the reply, <|im_end|> and its newline; never the
+    header line, a system or user turn, or an image."""
     tokenizer = build_tokenizer(tmp_path / "tok_think", THINK_CHATML)
     encoder = ChatEncoder(tokenizer, image_token_id=3, image_token_len=5, max_seq_len=512)
     out = encoder(CONVERSATION, num_images=2)
     ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
     targets = [tokenizer.decode(ids[s:e]) for s, e in runs_of([label != IGNORE_INDEX for label in labels])]
-    assert targets == [f"<think>\n\n</think>\n\n{reply}<|im_end|>" for reply in REPLIES]
+    assert targets == [f"<think>\n\n</think>\n\n{reply}<|im_end|>\n" for reply in REPLIES]
     assert all(labels[i] == ids[i] for i in range(len(ids)) if labels[i] != IGNORE_INDEX)
     # The prompt for generation ends with the same opening, as the model was trained to continue it.
     prompt = encoder.encode_prompt(CONVERSATION[:2], num_images=1).tolist()
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def minimind_623a130_targets(ids: list[int], tokenizer) -> list[int]:
+    """MiniMind-V 623a130's loss mask, restated (dataset/lm_dataset.py): after each `<|im_start|>assistant`,
+    from the token after the header's newline up to and including the token after `<|im_end|>`; the model
+    then shifts by one, so the mask marks target positions. Returns the labels it implies."""
+    bos = tokenizer("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
+    eos = tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]
+    mask, i = [0] * len(ids), 0
+    while i < len(ids):
+        if ids[i : i + len(bos)] == bos:
+            start = end = i + len(bos)
+            while end < len(ids) and ids[end : end + len(eos)] != eos:
+                end += 1
+            for j in range(start + 1, min(end + len(eos) + 1, len(ids))):
+                mask[j] = 1
+            i = end + len(eos) if end < len(ids) else len(ids)
+        else:
+            i += 1
+    return [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+def minimind_3v_targets(ids: list[int], tokenizer) -> list[int]:
+    """MiniMind-V 3v's labels, restated (dataset/lm_dataset.py at HEAD): every token from after
+    `<|im_start|>assistant\\n` through `<|im_end|>\\n`."""
+    bos = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    eos = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    labels, i = [IGNORE_INDEX] * len(ids), 0
+    while i < len(ids):
+        if ids[i : i + len(bos)] == bos:
+            start = end = i + len(bos)
+            while end < len(ids) and ids[end : end + len(eos)] != eos:
+                end += 1
+            for j in range(start, min(end + len(eos), len(ids))):
+                labels[j] = ids[j]
+            i = end + len(eos) if end < len(ids) else len(ids)
+        else:
+            i += 1
+    return labels
+
+
+def test_labels_are_what_each_minimind_v_generation_trains_on(minimind, tmp_path):
+    """Same ids -> the same targets as MiniMind-V's own rules: 623a130 with its template, 3v with its <think>
+    template (one and two turns, with and without images)."""
+    think = build_tokenizer(tmp_path / "tok_think", THINK_CHATML)
+    cases = [
+        (minimind, minimind_623a130_targets),
+        (ChatEncoder(think, image_token_id=3, image_token_len=5, max_seq_len=512), minimind_3v_targets),
+    ]
+    text_only = [{"role": "user", "content": "what colour is the shape"}, {"role": "assistant", "content": "red"}]
+    for encoder, rule in cases:
+        for conversation, images in ((CONVERSATION, 2), (CONVERSATION[:3], 1), (text_only, 0)):
+            out = encoder(conversation, num_images=images)
+            ids = out["input_ids"].tolist()
+            assert out["labels"].tolist() == rule(ids, encoder.tokenizer)

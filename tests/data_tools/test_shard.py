@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_tools import shard
+from data_tools import shard, shard_writer
 from tests.fixtures.make_tiny_corpus import picture, save_picture, turn, write_corpus
 from vlm.formats import manifest as mf
 
@@ -345,7 +345,7 @@ def test_crash_inside_a_shard_leaves_no_partial_file_and_resumes(tmp_path, monke
     jsonl, images = bulk_corpus(tmp_path)
     assert run(jsonl, images, tmp_path / "clean", "--samples-per-shard", "8") == 0
     calls = {"n": 0}
-    real_add = shard.ShardSink.add
+    real_add = shard_writer.ShardSink.add
 
     def failing_add(self, key, members, line):
         calls["n"] += 1
@@ -353,7 +353,7 @@ def test_crash_inside_a_shard_leaves_no_partial_file_and_resumes(tmp_path, monke
             raise Interrupt
         real_add(self, key, members, line)
 
-    monkeypatch.setattr(shard.ShardSink, "add", failing_add)
+    monkeypatch.setattr(shard_writer.ShardSink, "add", failing_add)
     with pytest.raises(Interrupt):
         run(jsonl, images, tmp_path / "out", "--samples-per-shard", "8")
     monkeypatch.undo()

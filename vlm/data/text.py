@@ -11,8 +11,10 @@ tokenized with special tokens active; message contents are tokenized with specia
 bytes, so a literal "<|im_end|>" inside data cannot forge structure; each `<image>` becomes exactly
 `image_token_len` copies of `image_token_id`, spliced in as ids (never left to BPE merges of "@@@@").
 Labels are the reply tokens plus the first template token after each reply, which must be `<|im_end|>`,
-plus what the template writes inside the assistant turn before the reply (after the `<|im_start|>assistant`
-header line): MiniMind-V 3v's `<think>\n\n</think>\n\n`, which it trains on too.
+and the newline token the template writes right after that `<|im_end|>` (both MiniMind-V generations train
+on it: 623a130's loss mask runs one token past `<|im_end|>`, 3v's covers `<|im_end|>\n`), plus what the
+template writes inside the assistant turn before the reply (after the `<|im_start|>assistant` header line):
+MiniMind-V 3v's `<think>\n\n</think>\n\n`, which it trains on too.
 
 Assumptions, checked when the encoder is built: the template (ChatML: `<|im_start|>{role}\\n{content}
 <|im_end|>\\n`, with or without a default system prompt) copies each message's content verbatim and writes
@@ -68,6 +70,8 @@ class ChatEncoder:
         self.image_token_len = int(image_token_len)
         self.max_seq_len = int(max_seq_len)
         self.im_end_id = self._im_end_id()
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        self.newline_id = newline[0] if len(newline) == 1 else None  # None: no newline target (no such token)
         self._check_template()
 
     def __call__(self, conversations: Sequence[dict], num_images: int) -> dict[str, torch.Tensor]:
@@ -142,6 +146,8 @@ class ChatEncoder:
                 labels += piece_ids if reply and inside else [IGNORE_INDEX] * len(piece_ids)
                 if after_reply:
                     labels[len(ids)] = piece_ids[0]  # the <|im_end|> closing the reply is a target
+                    if self.newline_id is not None and piece_ids[1:2] == [self.newline_id]:
+                        labels[len(ids) + 1] = self.newline_id  # and the newline after it, as MiniMind-V
                 ids += piece_ids
                 if not inside and index + 1 < len(pieces) and pieces[index + 1] == _REPLY:
                     self._label_turn_opening(piece, piece_ids, labels)
