@@ -7,12 +7,23 @@ STAMP := $(VENV)/.installed
 
 DATASET ?= dataset
 SHARDS ?= data/shards
+# Each stage's corpus: the first of these names found in $(DATASET), as published: the seed guide's, MiniMind-V
+# 623a130's JSONL (pictures in a folder), MiniMind-V 3v's parquet (pictures inside). Set *_INPUT to use another.
+PRETRAIN_INPUT ?= $(firstword $(wildcard $(addprefix $(DATASET)/,pretrain_data.jsonl pretrain_vlm_data.jsonl pretrain_i2t.parquet)))
+SFT_INPUT ?= $(firstword $(wildcard $(addprefix $(DATASET)/,sft_data.jsonl sft_vlm_data.jsonl sft_i2t.parquet)))
+SFT_MULTI_INPUT ?= $(wildcard $(DATASET)/sft_vlm_data_multi.jsonl)
+PRETRAIN_IMAGES ?= $(DATASET)/pretrain_images
+SFT_IMAGES ?= $(DATASET)/sft_images
+SFT_MULTI_IMAGES ?= $(DATASET)/sft_multi_images
 SHARD_FLAGS ?=
 SYNTH_FLAGS ?=
 DEMO_FLAGS ?=
 GPU_BENCH_WHEELS ?= wheels
 
 .DEFAULT_GOAL := help
+
+# $(call shard_stage,INPUT,IMAGES,NAME): shard INPUT into $(SHARDS)/NAME (nothing when INPUT is empty).
+shard_stage = $(if $(1),$(PY) -m data_tools.shard --input $(1) $(if $(filter %.parquet,$(1)),,--images $(2)) --out $(SHARDS)/$(3) --prefix $(3) $(SHARD_FLAGS))
 .PHONY: help install test lint bench gpu-bench-dry-run gpu-bench-wheels synth-data shard-data demo clean
 
 help: ## List the targets with what they do
@@ -48,9 +59,11 @@ gpu-bench-wheels: install ## Wheels for tests/bench/gpu_bench.sh on an offline G
 synth-data: install ## Write the built-in synthetic picture corpus to $(DATASET)/
 	$(PY) -m data_tools.synth --out $(DATASET) $(SYNTH_FLAGS)
 
-shard-data: install ## Shard $(DATASET)/{pretrain,sft}_* into $(SHARDS)/{pretrain,sft}
-	$(PY) -m data_tools.shard --jsonl $(DATASET)/pretrain_data.jsonl --images $(DATASET)/pretrain_images --out $(SHARDS)/pretrain --prefix pretrain $(SHARD_FLAGS)
-	$(PY) -m data_tools.shard --jsonl $(DATASET)/sft_data.jsonl --images $(DATASET)/sft_images --out $(SHARDS)/sft --prefix sft $(SHARD_FLAGS)
+shard-data: install ## Shard the corpora found in $(DATASET)/ (JSONL + images, or parquet) into $(SHARDS)/{pretrain,sft,sft_multi}
+	@test -n "$(PRETRAIN_INPUT)$(SFT_INPUT)$(SFT_MULTI_INPUT)" || { echo "error: no corpus in $(DATASET)/: expected pretrain_data.jsonl, pretrain_vlm_data.jsonl or pretrain_i2t.parquet (likewise sft_*); set DATASET=DIR or PRETRAIN_INPUT=/SFT_INPUT=FILE" >&2; exit 2; }
+	$(call shard_stage,$(PRETRAIN_INPUT),$(PRETRAIN_IMAGES),pretrain)
+	$(call shard_stage,$(SFT_INPUT),$(SFT_IMAGES),sft)
+	$(call shard_stage,$(SFT_MULTI_INPUT),$(SFT_MULTI_IMAGES),sft_multi)
 
 demo: install ## The whole job offline: synthetic corpus -> shards -> vision -> pretrain -> SFT -> export -> eval (out/demo/)
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m vlm.demo $(DEMO_FLAGS)

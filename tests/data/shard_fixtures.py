@@ -71,7 +71,7 @@ def write_shards(folder: Path, counts: list[int], prefix: str = "c", special: di
         entries.append(sink.finish())
     manifest = {
         "format": mf.FORMAT, "tool": {"name": "tests", "version": "0"}, "args": {"prefix": prefix},
-        "source": {"jsonl": "data.jsonl", "jsonl_sha256": "", "jsonl_bytes": 0, "images": "images"},
+        "source": {"input": "data.jsonl", "format": "jsonl", "sha256": "", "bytes": 0, "images": "images"},
         "input_records": i, "blank_lines": 0, "total_samples": i, "shards": entries, "skipped": [],
         "skipped_by_reason": {},
     }

@@ -67,7 +67,8 @@ def test_the_sharder_writes_a_system_turn_and_skips_an_image_in_a_reply(tmp_path
         {"conversations": SYSTEM_FIRST, "image": "0.jpg"},
         {"conversations": IMAGE_IN_REPLY, "image": "0.jpg, 1.jpg"},
     ]) + "\n")
-    assert shard.main(["--jsonl", str(jsonl), "--images", str(images), "--out", str(tmp_path / "out")]) == 0
+    # Half the records skipped: above the default --max-skip-fraction, so the run exits 1 with complete output.
+    assert shard.main(["--jsonl", str(jsonl), "--images", str(images), "--out", str(tmp_path / "out")]) == 1
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["total_samples"] == 1 and manifest["skipped_by_reason"] == {"image_in_reply": 1}
 

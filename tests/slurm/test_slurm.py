@@ -199,19 +199,29 @@ def test_scancel_checkpoints_and_the_job_stays_cancelled(slurm, synth_shards, tm
 
 
 def test_shard_job_array_makes_one_folder_per_input(slurm, synth_shards, tmp_path):
+    """Two JSONL parts and a parquet part (pictures inside), one array task each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     lines = (synth_shards["dataset"] / "pretrain_data.jsonl").read_text().splitlines()
-    parts = [tmp_path / "part_a.jsonl", tmp_path / "part_b.jsonl"]
-    parts[0].write_text("\n".join(lines[:100]) + "\n")
-    parts[1].write_text("\n".join(lines[100:]) + "\n")
     images = synth_shards["dataset"] / "pretrain_images"
-    result = sbatch(slurm, ["--wait", "--array=0-1"], "launch/slurm/shard.sbatch",
+    parts = [tmp_path / "part_a.jsonl", tmp_path / "part_b.jsonl", tmp_path / "part_c.parquet"]
+    parts[0].write_text("\n".join(lines[:100]) + "\n")
+    parts[1].write_text("\n".join(lines[100:150]) + "\n")
+    records = [json.loads(line) for line in lines[150:]]
+    pq.write_table(pa.table({
+        "conversations": [json.dumps(r["conversations"]) for r in records],
+        "image_bytes": [[(images / n.strip()).read_bytes() for n in r.get("image", "").split(",") if n.strip()]
+                        for r in records],
+    }), parts[2])
+    result = sbatch(slurm, ["--wait", "--array=0-2"], "launch/slurm/shard.sbatch",
                     [str(tmp_path / "shards"), str(images), *map(str, parts)], tmp_path)
     assert result.returncode == 0, f"{result.stderr}\n{logs(tmp_path)}"
     counts = {}
-    for name in ("part_a", "part_b"):
+    for name in ("part_a", "part_b", "part_c"):
         manifest = json.loads((tmp_path / "shards" / name / "manifest.json").read_text())
-        counts[name] = sum(s["samples"] for s in manifest["shards"])
-    assert counts == {"part_a": 100, "part_b": len(lines) - 100}
+        counts[name] = (manifest["source"]["format"], sum(s["samples"] for s in manifest["shards"]))
+    assert counts == {"part_a": ("jsonl", 100), "part_b": ("jsonl", 50), "part_c": ("parquet", len(lines) - 150)}
 
 
 def test_a_trainer_started_by_the_batch_script_without_srun_says_so_at_once(slurm, synth_shards, tmp_path):

@@ -55,6 +55,7 @@ class Source:
     weight: float
     shards: tuple[ShardInfo, ...] = ()
     urls: tuple[str, ...] = ()
+    key_prefix: str = ""  # a manifest source's sample-key prefix (manifest args.prefix)
 
     @property
     def exact(self) -> bool:
@@ -143,7 +144,8 @@ def open_manifest_source(spec: str, weight: float = 1.0) -> Source:
                           f"check the folder with `python -m data_tools.verify {spec}`")
     if not shards:
         raise SourceError(f"{spec}: the manifest lists no samples")
-    return Source(spec, weight, shards=shards)
+    prefix = manifest.get("args", {}).get("prefix") if isinstance(manifest.get("args"), dict) else None
+    return Source(spec, weight, shards=shards, key_prefix=str(prefix or ""))
 
 
 def open_stream_source(spec: str, weight: float = 1.0) -> Source:
@@ -179,4 +181,24 @@ def resolve_sources(specs: Sequence[str], weights: Sequence[float] | None = None
         else:
             raise SourceError(f"{label}: {spec} is neither a shard folder nor a tar pattern/URL "
                               "(run `make shard-data` first?)")
+    _check_distinct_keys(sources, label)
     return SourceSet(tuple(sources))
+
+
+def _check_distinct_keys(sources: list[Source], label: str) -> None:
+    """Two manifest sources sharded with one key prefix have colliding sample keys (`{prefix}_{line}`), so the
+    sample audit could not tell their samples apart: refused, naming both."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        if not source.key_prefix:
+            continue
+        other = seen.setdefault(source.key_prefix, source.spec)
+        if other != source.spec:
+            raise SourceError(
+                f"{label}: {other} and {source.spec} were sharded with the same key prefix "
+                f"{source.key_prefix!r}, so their sample keys collide; shard one again with another --prefix "
+                "(the default prefix adds the input's checksum), or give a folder once and weight it with "
+                "data.train_weights")
+        if other == source.spec and sum(s.spec == source.spec for s in sources) > 1:
+            raise SourceError(f"{label} lists {source.spec} twice; give it once and weight it with "
+                              "data.train_weights")

@@ -1,15 +1,19 @@
 """Shard-set contracts: names, the per-shard index, the manifest, and helpers to read and write them.
 
-A shard folder made by `python -m data_tools.shard --jsonl F --images D --out OUTDIR --prefix P` holds:
+A shard folder made by `python -m data_tools.shard --input F [--images D] --out OUTDIR --prefix P` holds:
 
 Shards `{P}-{index:06d}.tar` (index from 0), uncompressed tar archives with POSIX ustar headers (no pax
 extended headers are needed for these short ASCII names), written with `webdataset.TarWriter` with fixed
-mtime 0, uid/gid 0, uname/gname "vlm" and mode 0444, so the same input and arguments give the same bytes. One sample per accepted JSONL record, key `{P}_{line:09d}` where line is the
-record's 1-based line number in the JSONL (prefixes are [A-Za-z0-9_-], so keys contain no dots). A sample's
-members, consecutive in the archive:
+mtime 0, uid/gid 0, uname/gname "vlm" and mode 0444, so the same input and arguments give the same bytes.
+One sample per accepted record, key `{P}_{line:09d}` where line is the record's 1-based number in the input
+(the line of a JSONL, the element of a JSON array, the row of a parquet file; prefixes are [A-Za-z0-9_-], so
+keys contain no dots). The default prefix is the input's file stem and the first 8 hex digits of its
+SHA-256, so corpora that share a file name get different keys. A sample's members, consecutive in the
+archive, the same for every input format:
 
-- `KEY.json`: UTF-8 JSON object `{"conversations": [...], "source": {"file": <jsonl basename>, "line": N},
-  "images": [original relative names, in placeholder order], ...extra fields of the record}`.
+- `KEY.json`: UTF-8 JSON object `{"conversations": [{"role", "content"}, ...], "source": {"file": <input
+  basename>, "line": N}, "images": [picture names, in placeholder order: relative paths, or
+  `image_bytes[i]` for pictures a parquet row carries], ...extra fields of the record}`.
 - `KEY.0.jpg`, `KEY.1.png`, ...: one member per `<image>` placeholder, in order; the extension comes from
   the decoded format (jpg, png, webp, gif, bmp, tif), the bytes are the original file's unless `--resize-max`
   shrank it. Text-only samples have no image members.
@@ -20,9 +24,11 @@ group (headers, data and padding). `read_sample_at(shard, offset, size)` reads o
 
 `OUTDIR/manifest.json` (written last, atomically):
 `format` ("vlm-shards/1"), `tool` {name, version}, `args` (the options that shape the output; not
-`--workers`), `source` {jsonl, jsonl_sha256, jsonl_bytes, images}, `input_records`, `blank_lines`,
-`total_samples`, `shards` [{name, samples, bytes, sha256, index, index_sha256, first_line, last_line}],
-`skipped` [{line, reason, detail}], `skipped_by_reason` {reason: count}.
+`--workers`; with the resolved `prefix` and input `format`), `source` {input, format (jsonl, json or
+parquet), sha256, bytes, images}, `input_records`, `blank_lines`, `placeholder_images_dropped` (MiniMind-V
+3v text-only parquet rows: their placeholder picture left out; absent in older manifests), `total_samples`,
+`shards` [{name, samples, bytes, sha256, index, index_sha256, first_line, last_line}], `skipped`
+[{line, reason, detail}], `skipped_by_reason` {reason: count}.
 Invariant: `input_records == total_samples + len(skipped)` and `total_samples == sum(shard samples)`.
 Blank (whitespace-only) lines are not records: they are counted in `blank_lines` only.
 """

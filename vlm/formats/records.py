@@ -1,8 +1,12 @@
 """One set of rules for a conversation record, used by the sharder, the trainer's text stage, eval and chat.
 
-A record (MiniMind-V's JSONL, one object per line) is `{"conversations": [{"role", "content"}, ...],
-"image": "a.jpg, b.png"}`. The rules, each failure a `BadSample` with a stable reason code (these codes
-appear in manifest.json and in the trainer's skip counts):
+A record is a JSON object in one of two styles, told apart by its turns:
+- MiniMind-V: `{"conversations": [{"role", "content"}, ...], "image": "a.jpg, b.png"}` (comma-separated);
+- LLaVA: `{"id", "image": "a.jpg" or ["a.jpg", "b.png"], "conversations": [{"from", "value"}, ...]}`, `from`
+  being human/user, gpt/assistant or system; `normalize_record` rewrites it in the MiniMind-V style (roles
+  user/assistant/system, `image` a list), which every later rule and the shards use.
+The rules, each failure a `BadSample` with a stable reason code (these codes appear in manifest.json and in
+the trainer's skip counts):
 
     no_conversations      'conversations' missing, empty or not a list
     bad_turn              a turn that is not an object with string 'role' and 'content'
@@ -12,7 +16,7 @@ appear in manifest.json and in the trainer's skip counts):
     reserved_char         private-use characters U+E000..U+E003 (the text stage's internal markers)
     image_in_reply        an `<image>` tag inside an assistant turn
     image_count_mismatch  the number of `<image>` tags differs from the number of pictures
-    bad_image_field       'image' is not a comma-separated string of non-empty names
+    bad_image_field       'image' is not a comma-separated string (or a list) of non-empty names
     not_utf8, bad_json    (JSONL lines only) the line is not UTF-8, or not one JSON object
     reserved_field        (JSONL lines only) a field the sharder writes itself: 'source' or 'images'
 
@@ -93,14 +97,21 @@ def _role(turn: Any) -> str | None:
 
 
 def image_names(field: Any) -> list[str]:
-    """The `image` field as a list: absent, null or "" -> []; "a.jpg, b.png" -> ["a.jpg", "b.png"].
+    """The `image` field as a list: absent, null or "" -> []; "a.jpg, b.png" -> ["a.jpg", "b.png"];
+    a list of names (LLaVA) -> the same list.
 
-    Raises BadSample("bad_image_field") for a non-string or an empty name.
+    Raises BadSample("bad_image_field") for another type or an empty name.
     """
     if field is None or field == "":
         return []
+    if isinstance(field, list):
+        names = [name.strip() if isinstance(name, str) else "" for name in field]
+        if not all(names):
+            raise BadSample("bad_image_field", f"'image' list holds an empty or non-string name: {field!r}"[:200])
+        return names
     if not isinstance(field, str):
-        raise BadSample("bad_image_field", f"'image' must be a comma-separated string, got {type(field).__name__}")
+        raise BadSample("bad_image_field", f"'image' must be a comma-separated string or a list of names, "
+                                           f"got {type(field).__name__}")
     names = [name.strip() for name in field.split(",")]
     if not all(names):
         raise BadSample("bad_image_field", f"empty file name in 'image': {field!r}")
@@ -108,7 +119,7 @@ def image_names(field: Any) -> list[str]:
 
 
 def parse_record(raw: bytes, first_line: bool = False) -> tuple[dict, list[str]]:
-    """One JSONL line -> (record, image names in placeholder order), every rule above checked.
+    """One JSONL line -> (record in MiniMind-V style, image names in placeholder order), every rule checked.
 
     `first_line` allows a UTF-8 byte-order mark. Raises BadSample with any reason of the module docstring.
     """
@@ -120,15 +131,50 @@ def parse_record(raw: bytes, first_line: bool = False) -> tuple[dict, list[str]]
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadSample("bad_json", f"{e.msg} at column {e.colno}") from e
+    return check_record(record)
+
+
+def check_record(record: Any) -> tuple[dict, list[str]]:
+    """A decoded record (either style) -> (record in MiniMind-V style, image names in placeholder order).
+
+    Raises BadSample: bad_json (not an object), reserved_field, and every rule of `check_conversations`
+    and `image_names`, and image_count_mismatch.
+    """
     if not isinstance(record, dict):
         raise BadSample("bad_json", f"expected a JSON object, got {type(record).__name__}")
-    messages = check_conversations(record.get("conversations"))
     for field in RESERVED_FIELDS:
         if field in record:
             raise BadSample("reserved_field", f"field {field!r} is written by the sharder; rename it")
+    record = normalize_record(record)
+    messages = check_conversations(record.get("conversations"))
     names = image_names(record.get("image"))
     check_image_count(sum(m["content"].count(IMAGE_TAG) for m in messages), len(names))
     return record, names
+
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+"""LLaVA / ShareGPT speaker names (`from`) -> roles."""
+
+
+def is_llava_style(record: dict) -> bool:
+    """True when the record's turns are LLaVA's `{"from", "value"}` rather than `{"role", "content"}`."""
+    turns = record.get("conversations")
+    return isinstance(turns, list) and any(isinstance(t, dict) and "from" in t and "role" not in t for t in turns)
+
+
+def normalize_record(record: dict) -> dict:
+    """A LLaVA-style record rewritten in MiniMind-V style (a new dict; other fields kept, `image` a list of
+    names); a MiniMind-V record is returned as it is. Unknown speakers are kept, so `check_conversations`
+    reports them as bad_roles."""
+    if not is_llava_style(record):
+        return record
+    turns = [
+        {"role": LLAVA_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")} if isinstance(t, dict)
+        else t
+        for t in record["conversations"]
+    ]
+    image = record.get("image")
+    return {**record, "conversations": turns, "image": [image] if isinstance(image, str) and image else image}
 
 
 def read_image(images_root: str, name: str) -> bytes:
