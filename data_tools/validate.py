@@ -4,6 +4,7 @@ Used by `python -m data_tools.shard`; the record's text is checked by `vlm.forma
 the trainer applies. Reasons are stable codes that appear in manifest.json:
 
     unsafe_image_path missing_image empty_image bad_image truncated_image too_many_pixels
+    unsupported_image_mode
 
 Image checks at the default level are cheap and decode no pixels: JPEG and PNG headers are parsed here
 (markers up to the frame header; IHDR), the pixel count is compared with the limit before anything is
@@ -12,6 +13,13 @@ correct (read, not inflated). Anything else goes to PIL restricted to `vlm.forma
 exotic or external-program decoder is reached), with PIL's own bomb guard, and is always fully decoded;
 such files are rare in these corpora. `full_decode=True` decodes every image with PIL; bit flips inside
 JPEG entropy-coded data are only found that way, if at all.
+
+A decoded picture is also read as the trainer reads it (`vlm.formats.pictures.orient` and `to_8bit`, the one
+source of both rules): a mode or range the trainer refuses is skipped here with the same reason
+(unsupported_image_mode), and a re-encoded picture (`resize_max`) is stored upright and in 8 bits, as the
+trainer would see the original (16-bit grey scaled, not clipped to white), without EXIF. Kept bytes keep
+their EXIF: the trainer applies the orientation when it decodes them, so every path sees the same upright
+picture. JPEG and PNG decode only to modes the trainer reads, so the header-only path needs no such check.
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ import warnings
 import zlib
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from vlm.formats.constants import IMAGE_FORMATS
 from vlm.formats.errors import BadSample
+from vlm.formats.pictures import orient, to_8bit
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -58,8 +67,9 @@ def check_image(data: bytes, name: str, max_pixels: int, full_decode: bool = Fal
     image = _open(data, name)
     _check_pixels(image.size, name, max_pixels)
     _decode(image, name)
+    upright = _as_the_trainer_reads(image, name)
     if resize_max and max(image.size) > resize_max:
-        return _shrink(image, resize_max)
+        return _shrink(upright, image.format in ("JPEG", "MPO"), resize_max)
     return CheckedImage(data, _EXTENSIONS[image.format], image.size)
 
 
@@ -143,19 +153,25 @@ def _decode(image: Image.Image, name: str) -> None:
         raise BadSample(reason, f"{name!r} does not decode: {e}") from e
 
 
-def _shrink(image: Image.Image, resize_max: int) -> CheckedImage:
-    """Resize so the longer side is resize_max; JPEG stays JPEG (quality 90), anything else becomes PNG."""
-    is_jpeg = image.format in ("JPEG", "MPO")
-    # Re-encoding drops EXIF, so apply the orientation now or the picture would end up rotated.
-    image = ImageOps.exif_transpose(image)
+def _as_the_trainer_reads(image: Image.Image, name: str) -> Image.Image:
+    """The decoded picture upright and in 8 bits, or the trainer's BadSample (same reason), naming the file."""
+    try:
+        return to_8bit(orient(image))
+    except BadSample as e:
+        raise BadSample(e.reason, f"{name!r}: {e.detail}") from e
+
+
+def _shrink(image: Image.Image, is_jpeg: bool, resize_max: int) -> CheckedImage:
+    """Resize an upright 8-bit picture so the longer side is resize_max; JPEG stays JPEG (quality 90), anything
+    else becomes PNG (L, LA, RGB or RGBA; alpha kept for the trainer to composite). No EXIF is written."""
+    if is_jpeg:
+        image = image.convert("L" if image.mode == "L" else "RGB")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+        # Before resizing: P and 1 would otherwise be resampled as nearest neighbour.
+        image = image.convert("L" if image.mode == "1" else "RGBA")
     scale = resize_max / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    if is_jpeg:
-        image.convert("L" if image.mode == "L" else "RGB").save(out, "JPEG", quality=90)
-    else:
-        if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I;16"):
-            image = image.convert("RGBA")
-        image.save(out, "PNG")
+    image.save(out, "JPEG" if is_jpeg else "PNG", **({"quality": 90} if is_jpeg else {}))
     return CheckedImage(out.getvalue(), "jpg" if is_jpeg else "png", image.size)

@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and those below, never one above, and no two
 modules import each other, directly or around a circle):
-  0 shared formats   vlm.formats.*, vlm.config, vlm.tokenizer
+  0 shared formats   vlm.formats.*, vlm.config, vlm.config_help, vlm.tokenizer
   1 model, data      vlm.model.*, vlm.data.*, data_tools.* (the offline tools lean only on layer 0)
   2 assembly         vlm.build
   3 train            vlm.train.*
@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("vlm", "data_tools", "launch")
 LAYERS = [
-    ("vlm.formats", 0), ("vlm.config", 0), ("vlm.tokenizer", 0),
+    ("vlm.formats", 0), ("vlm.config", 0), ("vlm.config_help", 0), ("vlm.tokenizer", 0),
     ("vlm.model", 1), ("vlm.data", 1), ("data_tools", 1),
     ("vlm.build", 2),
     ("vlm.train", 3),

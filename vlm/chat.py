@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input) -> i
         for path, data in zip(args.image, images):
             _check_picture(vlm, path, data)
     except (OSError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"error: {err} (--debug shows the traceback)", file=sys.stderr)
         return 2
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     conversation = Conversation(vlm, images, settings)

@@ -233,6 +233,8 @@ SEED_FLAGS = {
 }
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = _SECTIONS
+"""The config's sections (YAML top-level keys) and the dataclass of each."""
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 

@@ -14,6 +14,7 @@ import os
 import sys
 
 from vlm.config import ConfigError, config_from_argv
+from vlm.config_help import config_help, help_sections, wants_help
 from vlm.train.preflight import run_checks
 
 EXIT_PROBLEMS = 1
@@ -22,6 +23,9 @@ EXIT_PROBLEMS = 1
 def main(argv: list[str] | None = None) -> int:
     """Run the preflight for the config and flags in `argv`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(config_help(__doc__, help_sections(argv)))
+        return 0
     try:
         cfg, own = config_from_argv(argv, ("quick", "world_size"))
         world_size = own.get("world_size")

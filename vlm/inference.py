@@ -165,6 +165,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse pictures with more pixels (default {DEFAULT_MAX_PIXELS}, as data.max_pixels)")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback instead of its one line")
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedVLM:

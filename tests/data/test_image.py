@@ -13,8 +13,14 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from vlm.data.image import ImageConfigError, ImagePreprocessConfig, ImagePreprocessor, PixelNormalizer
+from vlm.data.image import (
+    ImageConfigError,
+    ImagePreprocessConfig,
+    ImagePreprocessor,
+    PixelNormalizer,
+)
 from vlm.formats.errors import BadSample
+from vlm.formats.pictures import UNSUPPORTED_MODE, to_rgb
 
 MODES = ["RGB", "RGBA", "L", "LA", "P", "P+transparency", "CMYK", "1", "I", "RGB+transparency"]
 TOLERANCE = 0.02
@@ -198,12 +204,118 @@ def test_pixel_limit_refuses_before_decoding():
     assert broken.value.reason == "image_decode"
 
 
-def test_extreme_aspect_ratio_is_refused_before_resizing():
-    preprocess = ImagePreprocessor(ImagePreprocessConfig(shortest_edge=8, crop=(8, 8)), max_pixels=1000)
-    assert preprocess(png_bytes(10, 90)).shape == (3, 8, 8)  # resizes to 8 x 72
-    with pytest.raises(BadSample) as caught:
-        preprocess(png_bytes(1, 200))  # would resize to 8 x 1600
-    assert caught.value.reason == "image_too_large"
+def strip(width: int, height: int) -> Image.Image:
+    """A smooth two-colour gradient along the long side (resampling differences stay small on it)."""
+    ramp = np.linspace(0, 255, max(width, height))
+    line = np.stack([ramp, 255 - ramp, np.full_like(ramp, 90)], -1).astype(np.uint8)  # (N, 3)
+    pixels = line[None, :, :] if width >= height else line[:, None, :]
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(pixels, (height, width, 3))))
+
+
+@pytest.mark.parametrize("cfg", [ImagePreprocessConfig(shortest_edge=8, crop=(8, 8)),
+                                 ImagePreprocessConfig(shortest_edge=8, crop=(10, 12))], ids=["crop", "pad"])
+def test_long_strips_are_accepted_and_resample_only_the_crop_window(cfg, monkeypatch):
+    whole = ImagePreprocessor(cfg, max_pixels=10**6)
+    for width, height in [(6, 300), (300, 6), (1, 200)]:
+        picture = strip(width, height)
+        windowed = ImagePreprocessor(cfg, max_pixels=width * height)  # the full resize would be over this
+        expected = whole.pixels(picture).int()
+        got = windowed.pixels(picture).int()
+        assert got.shape == expected.shape == (3, *cfg.crop)
+        assert (got - expected).abs().max().item() <= 2, (width, height)  # PIL rounding only, same view
+    built = []
+    resize = Image.Image.resize
+
+    def recording_resize(image, size, *args, **kwargs):
+        built.append(size)
+        return resize(image, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    default = ImagePreprocessor()
+    for size in [(1, 30000), (30000, 1)]:
+        assert default.pixels(Image.new("RGB", size, (10, 200, 30)))[:, 112, 112].tolist() == [10, 200, 30]
+    assert max(w * h for w, h in built) <= 224 * 224  # never the 224 x 6,720,000 full resize
+
+
+def test_without_a_crop_a_long_strip_has_its_long_side_capped():
+    no_crop = ImagePreprocessor(ImagePreprocessConfig(shortest_edge=8, do_center_crop=False), max_pixels=1000)
+    assert no_crop.pixels(png_bytes(10, 90)).shape == (3, 72, 8)  # 8 x 72 is within the limit: HF's size
+    assert no_crop.pixels(png_bytes(1, 200)).shape == (3, 125, 8)  # 8 x 1600 capped to 1000 // 8
+    assert no_crop.pixels(png_bytes(200, 1)).shape == (3, 8, 125)
+
+
+def grey_ramp(width: int, height: int, top: int) -> np.ndarray:
+    """(height, width) float64: 0 in the first column rising evenly to `top` in the last."""
+    return np.tile(np.round(np.arange(width) * top / (width - 1)), (height, 1))
+
+
+def test_16_and_32_bit_modes_are_scaled_to_8_bits_not_clipped():
+    ramp16, ramp8 = grey_ramp(256, 4, 65535), grey_ramp(256, 4, 255).astype(np.uint8)
+    same_size = ImagePreprocessor(ImagePreprocessConfig(size=(4, 256), do_center_crop=False))  # no resampling
+    expected = same_size.pixels(Image.fromarray(ramp8)).int()
+    pictures = {
+        "I;16": Image.fromarray(ramp16.astype("<u2")),
+        "I;16B": Image.frombytes("I;16B", (256, 4), ramp16.astype(">u2").tobytes()),
+        "I;16L": Image.frombytes("I;16L", (256, 4), ramp16.astype("<u2").tobytes()),
+        "I": Image.fromarray(ramp16.astype(np.int32)),  # 16-bit data in a 32-bit image (older Pillows' PNG)
+        "F": Image.fromarray(ramp16.astype(np.float32)),
+        "F unit": Image.fromarray((ramp16 / 65535).astype(np.float32)),
+    }
+    for name, picture in pictures.items():
+        assert picture.mode == name.split()[0]
+        got = same_size.pixels(picture).int()
+        assert (got - expected).abs().max().item() <= 1, name  # not 255: convert("RGB") would clip
+    # 8-bit data held in I or F reads as PIL and HF read it (the HF comparisons above include mode I).
+    assert torch.equal(same_size.pixels(Image.fromarray(ramp8).convert("I")), expected.to(torch.uint8))
+    assert torch.equal(same_size.pixels(Image.fromarray(ramp8).convert("F")), expected.to(torch.uint8))
+
+
+def half_transparent(mode: str) -> Image.Image:
+    """12 x 8 colour noise, transparent on the left half, opaque on the right, converted to `mode`."""
+    state = np.random.RandomState(5)
+    rgba = state.randint(0, 256, (8, 12, 4)).astype(np.uint8)
+    rgba[:, :6, 3], rgba[:, 6:, 3] = 0, 255
+    image = Image.fromarray(rgba)
+    if mode in ("L", "LA", "La", "P", "PA"):
+        grey_or_palette = image.convert("RGB").convert(mode[0])
+        grey_or_palette.putalpha(image.getchannel("A"))  # L -> LA, P -> PA
+        image = grey_or_palette
+    return image.convert(mode) if image.mode != mode else image
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "RGBa", "LA", "La", "PA"])
+def test_alpha_modes_composite_onto_white(mode):
+    picture = half_transparent(mode)
+    got = np.asarray(to_rgb(picture)).astype(int)
+    assert (got[:, :6] == 255).all()
+    opaque = np.asarray(picture.convert("RGBA" if mode != "La" else "LA").convert("RGB"))[:, 6:]
+    assert np.abs(got[:, 6:] - opaque).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGBX", "CMYK", "YCbCr", "LAB", "HSV", "1", "L", "P"])
+def test_other_pil_modes_read_as_their_rgb(mode):
+    # Mid-range colours: 8-bit LAB loses precision near the edges of the gamut.
+    rgb = Image.fromarray(np.asarray(half_transparent("RGBA").convert("RGB")) // 2 + 64)
+    picture = rgb.convert(mode)
+    got = np.asarray(to_rgb(picture)).astype(int)
+    assert np.abs(got - np.asarray(picture.convert("RGB"))).max() == 0  # PIL's own conversion
+    if mode in ("RGBX", "CMYK", "YCbCr", "LAB", "HSV"):  # and it means the same colours
+        assert np.abs(got - np.asarray(rgb)).max() <= 8, mode
+
+
+def test_16_bit_transparency_and_values_without_a_reading():
+    values = grey_ramp(16, 2, 65535).astype("<u2")
+    keyed = Image.fromarray(values)
+    keyed.info["transparency"] = int(values[0, 0])  # a 16-bit grey PNG's tRNS
+    rgb = np.asarray(to_rgb(keyed))
+    assert (rgb[:, 0] == 255).all() and (rgb[:, 1:] == (values[:, 1:, None] >> 8)).all()
+    preprocess = ImagePreprocessor(ImagePreprocessConfig(shortest_edge=8, crop=(8, 8)))
+    unreadable = [np.array([[-1, 5]], np.int32), np.array([[0, 70000]], np.int32),
+                  np.array([[0, np.nan]], np.float32), np.array([[0, 1e6]], np.float32)]
+    for picture in map(Image.fromarray, unreadable):
+        with pytest.raises(BadSample) as caught:
+            preprocess.pixels(picture)
+        assert caught.value.reason == UNSUPPORTED_MODE, picture
 
 
 def test_corrupt_or_unlisted_formats_are_bad_samples():

@@ -15,9 +15,12 @@ same PIL calls); both composite alpha onto white first and rescale and normalise
 - SigLIP (`SiglipImageProcessor`, also SigLIP2's fixed-resolution checkpoints, `size: {"height": H, "width":
   W}`): resized to exactly H x W, aspect ratio not kept, no crop.
 
-EXIF orientation is not applied, as the HF processors do not apply it either. The speed comes from skipping
-their per-call work (input validation, PIL <-> numpy round trips, float64 rescale, several transposes,
-BatchFeature): one PIL resize, at most one crop, one transpose, and one scale-and-shift in torch.
+Two deliberate departures from the HF processors, both shared with the sharder (`data_tools.validate`) so a
+picture it keeps is one every path here accepts, seen the same way: the EXIF orientation is applied (`orient`;
+HF ignores it), and 16-bit and other unusual PIL modes are scaled to 8 bits (`vlm.formats.pictures.to_8bit`) where HF's
+`convert("RGB")` clips them to white. Pictures without EXIF in ordinary 8-bit modes match HF as before. The
+speed comes from skipping HF's per-call work (input validation, PIL <-> numpy round trips, float64 rescale,
+several transposes, BatchFeature): one PIL resize, at most one crop, one transpose, one scale-and-shift.
 
 The training loader stops at `pixels` (uint8) and the trainer normalises on its device with
 `PixelNormalizer`: a quarter of the bytes cross from the DataLoader workers (through shared memory) and the
@@ -40,6 +43,7 @@ from PIL import Image
 
 from vlm.formats.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PIXELS, IMAGE_FORMATS
 from vlm.formats.errors import BadSample
+from vlm.formats.pictures import orient, to_rgb
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 """SiglipImageProcessor's defaults (IMAGENET_STANDARD_MEAN / _STD), for files without image_mean / _std."""
@@ -235,15 +239,6 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
     return int(shortest_edge * width / height), shortest_edge
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as the HF processors (CLIP and SigLIP alike) make it: transparency is composited onto white."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 class PixelNormalizer:
     """uint8 pixels (..., 3, H, W) on any device -> float32 `(x * rescale - mean) / std`, same shape and device.
 
@@ -285,8 +280,10 @@ class ImagePreprocessor:
     (H, W) is `config.output_shape[1:]`: the crop (CLIP), or the exact `size` (SigLIP). `pixels` stops before
     normalising: uint8 (3, H, W), what the training loader ships.
 
-    Pictures with more than `max_pixels` pixels are refused from their header, before any decoding, and so
-    are extreme aspect ratios whose (CLIP) shortest-edge resize would exceed `max_pixels`.
+    Every picture is first made upright by its EXIF orientation (`orient`; unlike HF's processors) and read
+    in 8 bits (`to_rgb`, `to_8bit`). Pictures with more than `max_pixels` pixels (width x height, the same
+    product before and after orienting) are refused from their header, before any decoding; any other
+    picture that decodes is accepted, long strips included (`resize_and_crop`).
     """
 
     config: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
@@ -303,13 +300,16 @@ class ImagePreprocessor:
         return self.normalizer(self.pixels(image))
 
     def pixels(self, image: Image.Image | bytes) -> torch.Tensor:
-        """Encoded bytes or a PIL image -> contiguous uint8 (3, H, W), resized and (if configured) cropped."""
+        """Encoded bytes or a PIL image -> contiguous uint8 (3, H, W): upright, resized and (if configured)
+        cropped. Raises BadSample: image_too_large, image_decode, or UNSUPPORTED_MODE (see `to_8bit`)."""
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = self.open(image)
         self.check_size(image)
         try:
             image.load()  # decodes a lazily opened image
-            rgb = to_rgb(image)
+            rgb = to_rgb(orient(image))  # orient after load: a PNG's eXIf chunk may follow its pixels
+        except BadSample:
+            raise
         except Exception as err:  # a corrupt file can raise almost anything from a PIL plugin
             raise BadSample("image_decode", repr(err)) from err
         hwc = torch.from_numpy(self.resize_and_crop(rgb))  # (H, W, 3)
@@ -344,15 +344,23 @@ class ImagePreprocessor:
 
         The whole picture is resized and then cropped, as CLIPImageProcessor does: resampling only the crop
         window (PIL's fractional `box`) changes PIL's intermediate rounding and was measured to differ by
-        up to 18/255 on noisy pictures, so it is not used.
+        up to 18/255 on noisy pictures, so it is used only where the whole resize is not built: long strips.
+        When CLIP's shortest-edge resize would exceed `max_pixels` (a 1 x 30000 strip resizes to 224 x
+        6,720,000), then with a centre crop only the window the crop keeps is resampled, from the matching
+        box of the picture (the same view, at most `crop` pixels built); without a crop the long side is
+        capped at `max_pixels // shortest_edge` (aspect ratio then not kept). SigLIP's exact resize is never
+        capped: its size is fixed by the config, whatever the picture.
         """
         cfg = self.config
         if cfg.size is not None:
             new_h, new_w = cfg.size  # SigLIP: exactly (H, W), aspect ratio not kept
         else:
             new_w, new_h = resized_size(*rgb.size, cfg.shortest_edge)
-        if new_w * new_h > self.max_pixels:  # a 1 x 30000 strip would resize to 224 x 6.7M
-            raise BadSample("image_too_large", f"{rgb.width}x{rgb.height} resizes to {new_w}x{new_h}")
+            if new_w * new_h > self.max_pixels:
+                if cfg.do_center_crop:
+                    return self._resize_crop_window(rgb, new_w, new_h)
+                cap = max(cfg.shortest_edge, self.max_pixels // cfg.shortest_edge)
+                new_w, new_h = (new_w, cap) if new_w == cfg.shortest_edge else (cap, new_h)
         resized = rgb.resize((new_w, new_h), cfg.resample)
         if not cfg.do_center_crop:
             return np.array(resized)
@@ -361,6 +369,16 @@ class ImagePreprocessor:
         if top >= 0 and left >= 0:
             return np.array(resized.crop((left, top, left + crop_w, top + crop_h)))
         return _pad_crop(np.asarray(resized), crop_h, crop_w)
+
+    def _resize_crop_window(self, rgb: Image.Image, new_w: int, new_h: int) -> np.ndarray:
+        """(crop_h, crop_w, 3) uint8: the centre crop of a (new_w, new_h) resize, resampling only its window."""
+        crop_h, crop_w = self.config.crop
+        left, top = max((new_w - crop_w) // 2, 0), max((new_h - crop_h) // 2, 0)
+        right, bottom = min(left + crop_w, new_w), min(top + crop_h, new_h)
+        sx, sy = rgb.width / new_w, rgb.height / new_h  # resized -> source coordinates
+        box = (left * sx, top * sy, right * sx, bottom * sy)
+        window = rgb.resize((right - left, bottom - top), self.config.resample, box=box)
+        return _pad_crop(np.asarray(window), crop_h, crop_w)  # pads where the resize is smaller than the crop
 
 
 def _pad_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from vlm.model.config import VLMConfig
 from vlm.model.vision_encoder import load_vision_encoder, save_vision_encoder
 from vlm.model.vlm import MiniMindVLM
-from vlm.model.weights import load_state_strict, minimind_state_dict
+from vlm.model.weights import WeightsMismatchError, load_state_strict, minimind_state_dict
 
 WEIGHTS = "model.safetensors"
 VISION_SUBFOLDER = "vision_model"
@@ -58,7 +58,12 @@ def load_vlm_folder(folder: str | Path, trainable_vision: bool = False, device: 
     config = VLMConfig.from_pretrained(folder)
     encoder = load_vision_encoder(folder / VISION_SUBFOLDER) if (folder / VISION_SUBFOLDER).is_dir() else None
     model = MiniMindVLM(config, encoder, trainable_vision=trainable_vision)
-    load_state_strict(model, load_file(folder / WEIGHTS), str(folder / WEIGHTS))
+    try:
+        state = load_file(folder / WEIGHTS)
+    except Exception as err:  # SafetensorError for a truncated or foreign file, OSError, ...
+        raise WeightsMismatchError(f"{folder / WEIGHTS} cannot be read ({type(err).__name__}: {err}); "
+                                   "is the file complete?") from err
+    load_state_strict(model, state, str(folder / WEIGHTS))
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         from vlm.tokenizer import load_tokenizer

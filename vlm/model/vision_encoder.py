@@ -165,8 +165,10 @@ def load_vision_encoder(path: str | Path) -> nn.Module:
         if model_type in ("clip", "siglip") or (
                 model_class is AutoModel and hasattr(encoder, "vision_model") and hasattr(encoder.config, "vision_config")):
             encoder = encoder.vision_model  # a whole model's folder: keep its vision tower, drop the text side
-    except (OSError, ValueError, RuntimeError) as err:
-        raise VisionEncoderError(f"cannot load the vision encoder from {folder}: {err}") from err
+    except Exception as err:  # a damaged weights file raises anything (SafetensorError, ...)
+        files = ", ".join(sorted(p.name for p in folder.glob("*.safetensors")) + sorted(p.name for p in folder.glob("*.bin")))
+        raise VisionEncoderError(f"cannot load the vision tower from {folder} ({files or 'no weights file'}): "
+                                 f"{type(err).__name__}: {err}; is the download complete?") from err
     missing = [k for k in info["missing_keys"] if "text_model" not in k and not k.endswith("position_ids")]
     if missing or info.get("mismatched_keys"):
         raise VisionEncoderError(

@@ -37,11 +37,18 @@ def _strip_wrappers(key: str) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a `.pth` state dict as data (weights_only: no pickled code runs)."""
+    """Read a `.pth` state dict as data (weights_only: no pickled code runs).
+
+    Raises FileNotFoundError, and WeightsMismatchError for a file that does not read as a state dict of
+    tensors (truncated, another format, a pickle with code), naming the file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...: all mean "not usable weights"
+        raise WeightsMismatchError(f"{path} cannot be read as PyTorch weights ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''}); is the file complete?") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
