@@ -114,3 +114,15 @@ def test_truncated_language_model_weights_are_one_line_naming_the_file(tmp_path,
     assert chat.main(["--checkpoint", str(export), "--image", str(tmp_path / "a.png"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err  # transformers' loading bar may come first, on its own line
     assert "model.safetensors cannot be read" in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_malformed_tokenizer_is_one_line_naming_the_folder(tmp_path, capsys):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"model": ')
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert train_main(["--config", "launch/configs/debug.yaml", "--train_shards",
+                       str(REPO / "tests/fixtures/tiny_shards"), "--out_dir", str(tmp_path / "out"),
+                       "--model.tokenizer", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"TokenizerError: could not load the tokenizer in {folder}" in err and "Traceback" not in err

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+
+class TokenizerError(ValueError):
+    """A tokenizer folder that does not load, or whose image placeholder is unusable; the message names it."""
+
 DEFAULT_PLACEHOLDER = "<|image|>"
 MINIMIND_PLACEHOLDER = "@"
 MINIMIND3V_PLACEHOLDER = "<|image_pad|>"
@@ -30,7 +34,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder (None: the built-in one). Never downloads, never runs remote code.
 
     Raises FileNotFoundError when the folder or its tokenizer files are missing and ValueError when
-    they do not load, naming the path in both cases.
+    they do not load (TokenizerError, a ValueError), naming the path in both cases.
     """
     folder = builtin_tokenizer_path() if path is None else Path(path)
     if not folder.is_dir():
@@ -42,7 +46,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # the tokenizers library raises bare Exception for a malformed tokenizer.json
-        raise ValueError(f"could not load the tokenizer in {folder}: {err}") from err
+        raise TokenizerError(f"could not load the tokenizer in {folder}: {err}") from err
 
 
 def default_placeholder(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -63,7 +67,7 @@ def image_placeholder_id(tokenizer: PreTrainedTokenizerBase, placeholder: str | 
 
     `placeholder` None finds it from the tokenizer (`default_placeholder`). The placeholder must encode to
     exactly one token, also when repeated (a run of N placeholders must be N ids), or image features could
-    not be placed one per position. Raises ValueError naming the placeholder and what to set.
+    not be placed one per position. Raises TokenizerError naming the placeholder and what to set.
     """
     text = default_placeholder(tokenizer) if placeholder is None else placeholder
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -71,9 +75,9 @@ def image_placeholder_id(tokenizer: PreTrainedTokenizerBase, placeholder: str | 
             f"(--model.image_placeholder={MINIMIND_PLACEHOLDER})" if placeholder is None else
             "; choose a placeholder that is a single token, ideally a special token")
     if len(ids) != 1:
-        raise ValueError(f"image placeholder {text!r} is {len(ids)} tokens {ids} in this tokenizer, "
+        raise TokenizerError(f"image placeholder {text!r} is {len(ids)} tokens {ids} in this tokenizer, "
                          f"not one{hint}")
     run = tokenizer.encode(text * 4, add_special_tokens=False)
     if run != ids * 4:
-        raise ValueError(f"image placeholder {text!r} merges with itself when repeated ({text * 4!r} -> {run}){hint}")
+        raise TokenizerError(f"image placeholder {text!r} merges with itself when repeated ({text * 4!r} -> {run}){hint}")
     return ids[0]

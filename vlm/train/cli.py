@@ -14,6 +14,7 @@ from vlm.data.sources import SourceError
 from vlm.data.text import ChatTemplateError
 from vlm.model.vision_encoder import VisionEncoderError
 from vlm.model.weights import WeightsMismatchError
+from vlm.tokenizer import TokenizerError
 from vlm.train.checkpoint import CheckpointError
 from vlm.train.engine_state import EXIT_CHECKPOINT_WRITE, CheckpointWriteError
 from vlm.train.launcher import LaunchError, normalize_launcher_env
@@ -22,7 +23,7 @@ from vlm.train.trainer import TrainingError, run
 USER_ERRORS = (
     CheckpointError, ChatTemplateError, DataQualityError, FileNotFoundError, ImageConfigError, LaunchError,
     PositionError,
-    SourceError, TrainingError, VisionEncoderError, WeightsMismatchError,
+    SourceError, TokenizerError, TrainingError, VisionEncoderError, WeightsMismatchError,
 )
 
 
