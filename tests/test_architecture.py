@@ -7,7 +7,7 @@ modules import each other, directly or around a circle):
   2 assembly         vlm.build
   3 train            vlm.train.*
   4 export/inference vlm.load, vlm.export, vlm.inference
-  5 eval/chat/demo   vlm.eval, vlm.chat, vlm.doctor, vlm.demo.*
+  5 eval/chat/demo   vlm.eval, vlm.chat, vlm.serve, vlm.doctor, vlm.demo.*
   6 entry points     launch.*
 """
 
@@ -26,7 +26,7 @@ LAYERS = [
     ("vlm.build", 2),
     ("vlm.train", 3),
     ("vlm.load", 4), ("vlm.export", 4), ("vlm.inference", 4),
-    ("vlm.eval", 5), ("vlm.chat", 5), ("vlm.doctor", 5), ("vlm.demo", 5),
+    ("vlm.eval", 5), ("vlm.chat", 5), ("vlm.doctor", 5), ("vlm.demo", 5), ("vlm.serve", 5),
     ("launch", 6),
 ]
 SYNTHETIC_GENERATOR = ("data_tools.synth", "data_tools.synth_text", "data_tools.shapes")

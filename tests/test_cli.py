@@ -52,7 +52,7 @@ def test_every_tool_is_a_console_command():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"vlm-train", "vlm-doctor", "vlm-shard", "vlm-verify", "vlm-inspect", "vlm-export", "vlm-chat",
             "vlm-eval"} <= set(scripts)
-    for name in ("vlm-shard", "vlm-verify", "vlm-chat", "vlm-eval", "vlm-export", "vlm-inspect"):
+    for name in ("vlm-shard", "vlm-verify", "vlm-chat", "vlm-serve", "vlm-eval", "vlm-export", "vlm-inspect"):
         path = shutil.which(name, path=str(BIN))
         assert path, f"{name} is not installed in {BIN}: run make install"
         result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)

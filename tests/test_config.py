@@ -111,3 +111,11 @@ def test_every_shipped_config_loads_and_validates(path):
     assert config_problems(cfg) == []
     assert ds_config_problems(cfg.train) == []  # its DeepSpeed JSON exists and leaves the YAML its fields
     assert cfg.data.train_shards, "a shipped config names its training data"
+
+
+def test_eval_answer_counts_are_checked():
+    from vlm.config import config_problems, load_config
+
+    problems = config_problems(load_config(None, {"train.eval_answers": "-1", "train.eval_answer_tokens": "0"}))
+    assert "train.eval_answers must be >= 0 (0 = none), got -1" in problems
+    assert "train.eval_answer_tokens must be >= 1, got 0" in problems

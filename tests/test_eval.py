@@ -1,4 +1,5 @@
-"""vlm.eval: scoring against ground truth, the teacher-forced loss, record reading, every checkpoint kind."""
+"""vlm.eval: scoring against references and ground truth, the teacher-forced loss, record reading, the answers
+file and the summary, every checkpoint kind."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from vlm import eval as vlm_eval
 from vlm.data.collate import pad_collate
 from vlm.demo.scoring import scored_report
 from vlm.eval import EvalRecord, records_from_jsonl, records_from_shards
+from vlm.formats.scoring import answer_split, normalize_answer, score_pair, token_f1
 from vlm.inference import load_model
 from vlm.load import CheckpointKindError, checkpoint_kind
 
@@ -94,23 +96,78 @@ def test_batched_greedy_answers_equal_one_at_a_time(vlm, synth_shards):
     assert vlm_eval.answer_prompt(records[0]) == records[0].conversations[:1]
 
 
-def test_cli_writes_a_json_report(tiny, synth_shards, tmp_path, capsys):
+def test_generic_scores_on_hand_made_pairs():
+    assert normalize_answer("  The Cat, sat on  a mat! ") == "cat sat on mat"
+    assert normalize_answer("一个图形：红色。") == "一个图形红色"  # Unicode punctuation goes too
+    assert score_pair("A red circle.", "A red circle.") == {"exact_match": True, "normalized_match": True,
+                                                            "token_f1": 1.0}
+    assert score_pair(" a red circle ", "The red circle!") == {"exact_match": False, "normalized_match": True,
+                                                               "token_f1": 1.0}
+    # "red circle big" vs "red circle": 2 shared tokens, precision 2/3, recall 2/2 -> F1 = 2 * (2/3) / (5/3) = 0.8
+    s = score_pair("a red circle, big", "the red circle")
+    assert not s["exact_match"] and not s["normalized_match"] and s["token_f1"] == pytest.approx(0.8)
+    # multiset overlap: "red red blue" vs "red blue blue": 2 shared, P = R = 2/3
+    assert token_f1("red red blue", "red blue blue") == pytest.approx(2 / 3)
+    assert token_f1("green", "red") == 0.0 and token_f1("", "") == 1.0 and token_f1("the", "red") == 0.0
+    # Chinese: one token per character; 左上角红色圆形 vs 左上角蓝色圆形: 6 of 7 shared -> F1 6/7
+    assert token_f1("左上角红色圆形", "左上角蓝色圆形") == pytest.approx(6 / 7)
+
+
+def test_the_reference_is_the_last_assistant_turn_given_the_true_earlier_turns():
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is it?"},
+             {"role": "assistant", "content": "A circle."}, {"role": "user", "content": "Its colour?"},
+             {"role": "assistant", "content": "Red."}]
+    prompt, reference = answer_split(turns)
+    assert prompt == turns[:4] and reference == "Red."
+    assert answer_split(turns[:2]) == (turns[:2], None)
+
+
+def test_evaluate_scores_every_record_against_its_last_reply_and_truth_records_also_by_shape(vlm, synth_shards):
+    records, _ = records_from_shards(synth_shards["eval"])
+    records = records[:4]
+    plain = EvalRecord("plain", [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there."}],
+                       [], [])
+    no_reply = EvalRecord("no_reply", [{"role": "user", "content": "Say hi."}], [], [])
+    right = [r.conversations[-1]["content"] for r in records]
+    report = vlm_eval.evaluate(vlm, [*records, plain, no_reply], batch_size=4, progress=False,
+                               answer_fn=lambda rs: [*right, "hi THERE"][: len(rs)])
+    assert report["answered"] == 5 and report["answer_skipped"] == {"no_reply": 1}
+    assert report["exact_match"] == pytest.approx(4 / 5) and report["normalized_match"] == 1.0
+    assert report["accuracy"] == 1.0 and report["multi_shape_accuracy"] == 1.0  # records 0 (one shape), 1 (more)
+    assert report["scores"]["all"]["n"] == 4 and report["scores"]["all"]["exact"] == 1.0
+    rows = {row["key"]: row for row in report["answers"]}
+    assert rows["plain"] == {"key": "plain", "images": [], "prompt": "Say hi.", "reference": "Hi there.",
+                             "answer": "hi THERE", "exact_match": False, "normalized_match": True, "token_f1": 1.0}
+    first = rows[records[0].key]
+    assert first["right"] and first["truth"] == records[0].truth["answer"] and first["scores"]["exact"]
+
+
+def test_cli_writes_every_answer_to_jsonl_and_prints_only_a_summary(tiny, synth_shards, tmp_path, capsys):
     dataset = synth_shards["dataset"]
     out = tmp_path / "report.json"
     code = vlm_eval.main(["--checkpoint", str(tiny[0]), "--data", str(dataset / "eval_data.jsonl"), "--images",
-                          str(dataset / "eval_images"), "--out", str(out), "--limit", "4", "--max_new_tokens", "4"])
+                          str(dataset / "eval_images"), "--out", str(out), "--limit", "12", "--max_new_tokens", "4"])
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["records"] == 4 and report["scores"]["all"]["n"] == 4
-    assert {"loss", "perplexity", "accuracy", "multi_shape_accuracy"} <= report.keys()
-    assert len(report["answers"]) == 4 and report["answers"][0]["truth"]
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(report["loss"])
+    answers_file = tmp_path / "report.answers.jsonl"  # the default: beside --out
+    assert report["answers_file"] == str(answers_file) and "answers" not in report
+    assert report["records"] == 12 and report["answered"] == 12 and report["scores"]["all"]["n"] == 12
+    assert {"loss", "perplexity", "accuracy", "multi_shape_accuracy", "exact_match", "normalized_match",
+            "token_f1"} <= report.keys()
+    rows = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["reference"] and "answer" in r and "token_f1" in r and r["truth"] for r in rows)
+    printed = capsys.readouterr().out
+    assert len(printed.splitlines()) < 20  # a summary, not 12 answers
+    assert str(answers_file) in printed and "token F1" in printed and f"{report['loss']:.4f}" in printed
 
 
-def test_cli_on_shards_and_missing_images_flag(tiny, synth_shards, capsys):
+def test_cli_on_shards_answers_next_to_the_checkpoint_or_where_asked(tiny, synth_shards, tmp_path, capsys):
+    asked = tmp_path / "sub" / "answers.jsonl"
     assert vlm_eval.main(["--checkpoint", str(tiny[0]), "--shards", str(synth_shards["eval"]), "--limit", "2",
-                          "--max_new_tokens", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["records"] == 2
+                          "--max_new_tokens", "2", "--answers", str(asked)]) == 0
+    assert len(asked.read_text().splitlines()) == 2 and str(asked) in capsys.readouterr().out
+    assert vlm_eval.default_answers_path(str(tiny[0]), None) == tiny[0] / vlm_eval.ANSWERS_FILE
+    assert vlm_eval.default_answers_path(str(tiny[1]), None) == tiny[1].with_name(f"{tiny[1].stem}.eval_answers.jsonl")
     with pytest.raises(SystemExit):
         vlm_eval.main(["--checkpoint", str(tiny[0]), "--data", "x.jsonl"])
     assert "--images" in capsys.readouterr().err
@@ -130,7 +187,12 @@ def test_a_minimind_pth_loads_with_flags_and_gives_the_same_logits(tiny, tiny_vi
     torch.testing.assert_close(a, b, atol=2e-2, rtol=0)  # the .pth holds fp16 weights
 
 
-def test_an_unknown_checkpoint_is_refused_with_the_kinds_named(tmp_path):
+def test_an_unknown_checkpoint_is_refused_with_the_kinds_named(tmp_path, capsys):
     with pytest.raises(CheckpointKindError, match="exported folder"):
         checkpoint_kind(tmp_path)
     assert vlm_eval.main(["--checkpoint", str(tmp_path), "--shards", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "exported folder" in err and "--debug" in err and "Traceback" not in err
+    with pytest.raises(CheckpointKindError):  # --debug: the error itself, with its traceback
+        vlm_eval.main(["--checkpoint", str(tmp_path), "--shards", str(tmp_path), "--debug"])
+    assert not list(tmp_path.iterdir())  # nothing written for a run that could not start

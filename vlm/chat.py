@@ -21,7 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlm.formats.errors import BadSample
-from vlm.inference import GenerationSettings, LoadedVLM, add_image_tags, add_model_flags, load_from_args
+from vlm.inference import (
+    GenerationSettings,
+    LoadedVLM,
+    add_generation_flags,
+    add_image_tags,
+    add_model_flags,
+    load_from_args,
+    settings_from_args,
+)
 
 QUIT, RESET = "/quit", "/reset"
 
@@ -84,14 +92,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="exported folder, training out_dir/checkpoint, or .pth")
     p.add_argument("--image", action="append", default=[], help="a picture for the first turn (repeatable)")
     p.add_argument("--prompt", help="ask once and exit; without it the session is interactive")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    add_generation_flags(p)
     add_model_flags(p)
     args = p.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.repetition_penalty <= 0:
-        p.error("need --temperature >= 0, 0 < --top_p <= 1, --max_new_tokens >= 1, --repetition_penalty > 0")
+    args.settings = settings_from_args(p, args)
     return args
 
 
@@ -110,8 +114,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input) -> i
             raise
         print(f"error: {err} (--debug shows the traceback)", file=sys.stderr)
         return 2
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
-    conversation = Conversation(vlm, images, settings)
+    conversation = Conversation(vlm, images, args.settings)
     if args.prompt is None:
         interactive(conversation, read)
     else:

@@ -26,6 +26,7 @@ from vlm.formats.constants import BATCHING, DEFAULT_MAX_PIXELS, PROJECTORS
 
 BUILTIN_TINY_VISION = "builtin:tiny"
 DTYPES = ("bfloat16", "float16", "float32")
+MONITORS = ("csv", "tensorboard")  # train.monitors; W&B is on with train.wandb_project
 TRAINABLE_POLICIES = ("projector", "projector+last_layer", "projector+first_last_layers", "projector+lm", "all",
                       "patterns")
 
@@ -204,7 +205,14 @@ class TrainConfig:
                               "compile, then faster steps; on CPU it needs a C++ compiler).")
     max_bad_steps: int = _f(5, "Optimizer steps in a row skipped for a NaN/Inf loss before the run stops.")
     eval_interval: int = _f(0, "Optimizer steps between evaluations; 0 = at the end only.")
-    wandb_project: str | None = _f(None, "Log to this Weights & Biases project too (needs wandb installed).")
+    eval_answers: int = _f(4, "At each evaluation, answer the first this many samples of data.eval_shards greedily "
+                              "and log each answer next to its reference (metrics.jsonl and the console); 0 = none.")
+    eval_answer_tokens: int = _f(64, "Longest answer generated for train.eval_answers, in tokens.")
+    monitors: list[str] = _f(["csv", "tensorboard"], f"Where every metric of metrics.jsonl also goes, keyed by "
+                                                     f"optimizer step: any of {MONITORS} (out_dir/logs/metrics.csv, "
+                                                     "out_dir/logs/tensorboard/); [] for metrics.jsonl alone.")
+    wandb_project: str | None = _f(None, "Also log every metric to this Weights & Biases project (needs "
+                                         "`pip install wandb`; the preflight checks it is installed).")
 
 
 @dataclass
@@ -367,6 +375,8 @@ def _value_problems(cfg: Config) -> list[str]:
         (t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}"),
         (t.previous_run in ("refuse", "move"), f"train.previous_run must be 'refuse' or 'move', got {t.previous_run!r}"),
         (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
+        (t.eval_answers >= 0, f"train.eval_answers must be >= 0 (0 = none), got {t.eval_answers}"),
+        (t.eval_answer_tokens >= 1, f"train.eval_answer_tokens must be >= 1, got {t.eval_answer_tokens}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
         (t.accumulation_steps >= 1, f"train.accumulation_steps must be >= 1, got {t.accumulation_steps}"),
         (t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}"),
@@ -383,6 +393,8 @@ def _value_problems(cfg: Config) -> list[str]:
          f"got zero_stage {t.zero_stage}: set zero_stage 3 or async_checkpoint false"),
         (t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}"),
         (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),
+        (set(t.monitors) <= set(MONITORS) and len(set(t.monitors)) == len(t.monitors),
+         f"train.monitors must be distinct names out of {MONITORS} (W&B: set train.wandb_project), got {t.monitors}"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {t.betas}"),
         (d.max_seq_len >= 8, f"data.max_seq_len must be >= 8, got {d.max_seq_len}"),
         (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),

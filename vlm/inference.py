@@ -168,6 +168,21 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show an error's traceback instead of its one line")
 
 
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Sampling flags (chat and the chat page): --temperature, --top_p, --max_new_tokens, --repetition_penalty."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+
+
+def settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> GenerationSettings:
+    """The GenerationSettings of `add_generation_flags`; out-of-range values exit through `p.error`."""
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.repetition_penalty <= 0:
+        p.error("need --temperature >= 0, 0 < --top_p <= 1, --max_new_tokens >= 1, --repetition_penalty > 0")
+    return GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+
+
 def load_from_args(args: argparse.Namespace) -> LoadedVLM:
     """`load_model` with the flags of `add_model_flags`."""
     use_moe = None if args.use_moe is None else args.use_moe == "true"

@@ -2,12 +2,13 @@
 
 Batch sizes, the optimizer and clipping are filled in from the `train` section (one source; the schedule is
 `vlm.train.schedule`'s);
-a DeepSpeed JSON that sets them itself is a configuration error. Nothing here imports DeepSpeed.
+a DeepSpeed JSON that sets them itself is a configuration error, and so is one that turns on DeepSpeed's own
+CSV/TensorBoard/W&B/Comet monitors (the trainer's `vlm.train.monitor` writes every metric, keyed by optimizer
+step; DeepSpeed's would log a few of them again, keyed by sample count). Nothing here imports DeepSpeed.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def read_ds_config(zero_stage: int, path: str | None) -> dict[str, Any]:
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OWNED_KEYS = ("optimizer", "scheduler", "gradient_clipping")
+_MONITOR_KEYS = ("csv_monitor", "tensorboard", "wandb", "comet")
 
 
 def ds_config_problems(train_cfg: TrainConfig) -> list[str]:
@@ -45,6 +47,8 @@ def ds_config_problems(train_cfg: TrainConfig) -> list[str]:
         return err.problems
     problems = [f"remove '{k}' from the DeepSpeed config: batch sizes come from the YAML" for k in _BATCH_KEYS if k in ds]
     problems += [f"remove '{k}' from the DeepSpeed config: it is set from the YAML's train section" for k in _OWNED_KEYS if k in ds]
+    problems += [f"remove '{k}' from the DeepSpeed config: metrics go to train.monitors and train.wandb_project"
+                 for k in _MONITOR_KEYS if isinstance(ds.get(k), dict) and ds[k].get("enabled")]
     return problems + _precision(ds, train_cfg.dtype)
 
 
@@ -61,14 +65,13 @@ def _precision(ds: dict[str, Any], dtype: str) -> list[str]:
     return problems
 
 
-def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, on_cpu: bool,
-                    monitor_dir: str | None = None) -> dict[str, Any]:
+def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, on_cpu: bool) -> dict[str, Any]:
     """The DeepSpeed config dict: ZeRO/precision/offload from the JSON, batch sizes from `geometry` (the
     one batch arithmetic, `vlm.data.plan.Geometry`), optimizer and clipping from `train_cfg` (the learning
     rate schedule is `vlm.train.schedule`'s, handed to the engine).
 
     `on_cpu` picks torch's AdamW (DeepSpeed's fused Adam would be
-    JIT-compiled first); `monitor_dir` (rank 0 only) turns on DeepSpeed's CSV/TensorBoard/W&B monitors.
+    JIT-compiled first). DeepSpeed's monitors stay off: `vlm.train.monitor` logs the metrics.
     Raises ConfigError with every problem of `ds_config_problems`.
     """
     problems = ds_config_problems(train_cfg)
@@ -96,10 +99,4 @@ def build_ds_config(train_cfg: TrainConfig, geometry: Geometry, on_cpu: bool,
     if train_cfg.async_checkpoint:  # the plain Python file writer: DeepSpeed's fast one needs its async I/O op
         ds.setdefault("checkpoint", {})["writer"] = {"type": "PYTHON", "decoupled": True}
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves, every log_interval steps
-    if monitor_dir is not None:
-        ds["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}
-        if importlib.util.find_spec("tensorboard") is not None:
-            ds["tensorboard"] = {"enabled": True, "output_path": monitor_dir, "job_name": "train"}
-        if train_cfg.wandb_project:
-            ds["wandb"] = {"enabled": True, "project": train_cfg.wandb_project}
     return ds

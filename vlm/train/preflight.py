@@ -10,6 +10,7 @@ Checks, each reported as ok / warning / PROBLEM:
             optimizer step; max_steps reachable; DataLoader workers and shards against ranks
   cpus      this process may run on data.num_workers + 1 CPUs (its affinity: srun --cpus-per-task, taskset)
   compile   with train.compile, a C++ compiler for torch.compile
+  monitors  the package of each configured metrics monitor (train.monitors, train.wandb_project) is installed
   files     tokenizer, vision encoder, initial weights, DeepSpeed JSON (leaving batch sizes, optimizer and
             precision to the YAML), eval shards exist, and (with `load`) load:
             the model is built with its starting weights, strictly
@@ -50,6 +51,7 @@ from vlm.train.checkpoint import CheckpointError
 from vlm.train.ds_config import ds_config_problems
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import launcher_problems, normalize_launcher_env
+from vlm.train.monitor import monitor_problems
 from vlm.train.ownership import claim_out_dir, lock_problem
 
 log = logging.getLogger("vlm.preflight")
@@ -246,6 +248,13 @@ def check_compile(cfg: Config, report: Report) -> None:
                                        "in hooks inside the compiled blocks (expect graph breaks); ZeRO-2 is tested")
 
 
+def check_monitors(cfg: Config, report: Report) -> None:
+    """Each configured metrics monitor's package is installed: the trainer opens the monitors after building
+    the model, where a missing one would stop the run with an ImportError. Only problems are reported."""
+    for problem in monitor_problems(cfg.train):
+        report.add(PROBLEM, "monitors", problem)
+
+
 def check_files(cfg: Config, report: Report) -> bool:
     """Every configured file and folder exists and looks right (without loading weights). True if all do."""
     m = cfg.model
@@ -399,6 +408,7 @@ def run_checks(cfg: Config, env: Mapping[str, str], world_size: int | None = Non
         check_batch(cfg, world, report)
     check_cpus(cfg, report, env)
     check_compile(cfg, report)
+    check_monitors(cfg, report)
     files_ok = check_files(cfg, report)
     counts = None
     if files_ok and load:

@@ -36,13 +36,13 @@ from vlm.train.export_live import export_live
 from vlm.train.freeze import apply_trainable_policy
 from vlm.train.launcher import DistEnv, normalize_launcher_env
 from vlm.train.metrics import (
-    MetricsLog,
     StepTimer,
     detect_peak_flops,
     flop_shape,
     micro_batch_flops,
     plot_loss,
 )
+from vlm.train.monitor import MetricsWriter
 from vlm.train.ownership import OutDirLock, claim_out_dir
 from vlm.train.preflight import check_at_startup
 from vlm.train.schedule import scheduler_factory, set_peak_lr
@@ -81,7 +81,9 @@ class Trainer:
         self.step = start.get("step", 0)
         self.run_id = start.get("run_id")
         self.skipped_before = start.get("skipped") or {"steps": 0, "samples": 0}  # earlier runs' totals
-        self.metrics = MetricsLog(self.out_dir, self.is_main)
+        # metrics.jsonl and train.monitors / train.wandb_project, all keyed by optimizer step (rank 0 writes)
+        self.metrics = MetricsWriter(self.out_dir, cfg.train, self.is_main, start_step=self.step,
+                                     run_id=self.run_id, config=cfg.to_dict())
         self.audit = SampleAudit(self.out_dir, dist_env.rank) if cfg.data.log_samples else None
         self.timer = StepTimer()
         self.stop = StopFlag().install()
@@ -113,6 +115,7 @@ class Trainer:
         finally:
             bar.close()
             self.stop.uninstall()
+            self.metrics.close()
 
     def _run_epoch(self, bar) -> str | None:
         accumulation = self.cfg.train.accumulation_steps
@@ -213,14 +216,14 @@ class Trainer:
     # -- logging, eval, checkpoints ------------------------------------------------------------------
     def _log(self) -> None:
         losses = [r.loss for r in self.window if r.loss is not None]
-        # One all-reduce per log line: finite loss sum, micro-batches with one, samples of skipped steps; the
-        # losses were kept on the device, this is where they are read.
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # One all-reduce per log line: finite loss sum, micro-batches with one, samples of skipped steps, bad
+        # samples the data pipeline dropped; the losses were kept on the device, this is where they are read.
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)
         if losses:
             stacked = torch.stack(losses).double()
             finite = torch.isfinite(stacked)
             stats[0], stats[1] = torch.where(finite, stacked, 0.0).sum(), finite.sum()
-        stats[2] = self.samples_skipped["nonfinite_loss"]
+        stats[2], stats[3] = self.samples_skipped["nonfinite_loss"], self.loader.monitor.bad
         distributed.all_reduce_sum(stats)
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else None  # None: every micro-batch was skipped
         summary = self.timer.summary(self.env.world_size, self.peak_flops)
@@ -240,7 +243,8 @@ class Trainer:
         }
         self.checkpoint_seconds = 0.0
         skipped = self._skipped_totals(int(stats[2]))
-        record.update(skipped_steps=skipped["steps"], samples_skipped={"nonfinite_loss": skipped["samples"]})
+        record.update(skipped_steps=skipped["steps"], samples_skipped={"nonfinite_loss": skipped["samples"]},
+                      bad_samples=int(stats[3]))  # dropped by the data pipeline, all ranks, this run so far
         self.metrics.write(record)
         if self.is_main:
             tqdm.write(
@@ -261,8 +265,9 @@ class Trainer:
         return None
 
     def evaluate(self) -> float | None:
-        """Collective: the eval loss over data.eval_shards (logged and returned), once per step; None without
-        eval shards, or when no eval sample could be used (then a warning names the skip reasons)."""
+        """Collective: the eval loss over data.eval_shards (logged and returned) and the answers of
+        `vlm.train.eval_answers` (logged), once per step; None without eval shards, or when no eval sample
+        could be used (then a warning names the skip reasons)."""
         if self.eval_loader is None:
             return None
         if self.evaluated_step == self.step:  # e.g. eval_interval hit the last step: the end adds no second one
@@ -277,6 +282,12 @@ class Trainer:
                         self.step, reasons or "none counted on rank 0")
         elif self.is_main:
             tqdm.write(f"step {self.step} eval loss {loss:.4f}")
+        if self.cfg.train.eval_answers > 0:  # every rank generates the same answers (no rank waits); rank 0 logs
+            from vlm.train.eval_answers import answer_samples, log_answers
+
+            answers = answer_samples(self.engine, self.built, self.cfg, self.device)
+            if self.is_main:
+                log_answers(answers, self.step, self.metrics)
         return loss
 
     def _skipped_totals(self, samples: int | None = None) -> dict[str, int]:
@@ -412,8 +423,7 @@ def _train(cfg: Config, env: DistEnv, device: torch.device) -> int:
             f"{cfg.train.batch_size} x accumulation_steps {cfg.train.accumulation_steps} x world size "
             f"{env.world_size}); use smaller batches or more data"
         )
-    ds_config = build_ds_config(cfg.train, loader.geometry, device.type == "cpu",
-                                str(out_dir / "logs") if env.rank == 0 else None)
+    ds_config = build_ds_config(cfg.train, loader.geometry, device.type == "cpu")
     universal = meta is not None and needs_universal(meta, cfg.train.zero_stage, env.world_size, cfg.train.dtype)
     if universal and cfg.train.zero_stage > 0:  # a ZeRO-0 engine is restored by vlm.train.layout_change
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
