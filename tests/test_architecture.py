@@ -3,7 +3,8 @@
 Layers, bottom to top (a module may import its own layer and those below, never one above, and no two
 modules import each other, directly or around a circle):
   0 shared formats   vlm.formats.*, vlm.config, vlm.config_help, vlm.tokenizer
-  1 model, data      vlm.model.*, vlm.data.*, data_tools.* (the offline tools lean only on layer 0)
+  1 model, data      vlm.model.*, vlm.hf.* (remote-code templates), vlm.data.*, data_tools.* (the offline tools
+                     lean only on layer 0)
   2 assembly         vlm.build
   3 train            vlm.train.*
   4 export/inference vlm.load, vlm.export, vlm.inference
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("vlm", "data_tools", "launch")
 LAYERS = [
     ("vlm.formats", 0), ("vlm.config", 0), ("vlm.config_help", 0), ("vlm.tokenizer", 0),
-    ("vlm.model", 1), ("vlm.data", 1), ("data_tools", 1),
+    ("vlm.model", 1), ("vlm.hf", 1), ("vlm.data", 1), ("data_tools", 1),
     ("vlm.build", 2),
     ("vlm.train", 3),
     ("vlm.load", 4), ("vlm.export", 4), ("vlm.inference", 4),

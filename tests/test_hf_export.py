@@ -23,6 +23,7 @@ from tests.tiny_vlm import DIM, LAYERS, picture, save_tiny_vlm
 from vlm import chat, export
 from vlm.inference import GenerationSettings, load_model
 from vlm.load import load_any
+from vlm.model import remote_code
 
 RED = (220, 38, 38)
 PROMPT, NEW_TOKENS = "Describe the shapes.", 12
@@ -163,9 +164,17 @@ def test_the_model_loads_with_torch_and_transformers_only(exported, reference, t
     assert answer["ids"] == reference["ids"]
 
 
-def test_an_export_is_completed_in_place_and_still_loads_in_the_project(tmp_path, tiny_vision_dir, reference):
-    """The trainer's `out_dir/export` gains the transformers files in place; the project loads it as before."""
+def test_every_saved_folder_carries_the_transformers_files_and_an_older_one_is_completed_in_place(
+        tmp_path, tiny_vision_dir):
+    """`save_vlm_folder` (the trainer's `out_dir/export` too) writes them; a folder of an older version, without
+    them, gains them in place; the project loads both as before."""
     folder, pth = save_tiny_vlm(tiny_vision_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["MiniMindVLMForCausalLM"] and "auto_map" in config
+    for path in folder.glob("*.py"):
+        path.unlink()
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                    if k not in ("architectures", "auto_map")}))
     assert export.main(["--checkpoint", str(folder), "--format", "hf", "--out", str(folder)]) == 0
     assert "auto_map" in json.loads((folder / "config.json").read_text())
     assert (folder / "modeling_minimind_vlm.py").is_file()
@@ -192,10 +201,10 @@ def test_a_pth_is_not_a_source_to_export(exported, tmp_path, capsys):
 def test_code_transformers_cannot_bring_is_refused_at_export(tmp_path, monkeypatch):
     """Shipped modules are checked at export: an import a transformers-only environment lacks is named."""
     (tmp_path / "stage.py").write_text("import webdataset\nfrom vlm.model import flex\nimport vlm.config\n")
-    modules = export._project_modules()
-    monkeypatch.setattr(export, "_project_modules", lambda: {**modules, "vlm.data.stage": tmp_path / "stage.py"})
-    with pytest.raises(export.RemoteCodeError) as raised:
-        export.remote_code_sources(["vlm.data.stage"])
+    modules = remote_code._project_modules()
+    monkeypatch.setattr(remote_code, "_project_modules", lambda: {**modules, "vlm.data.stage": tmp_path / "stage.py"})
+    with pytest.raises(remote_code.RemoteCodeError) as raised:
+        remote_code.remote_code_sources(["vlm.data.stage"])
     assert "vlm.data.stage line 1: imports webdataset" in str(raised.value)
     assert "vlm.data.stage line 3: `import vlm...`" in str(raised.value)
-    assert export.flat_module_name("vlm.model.vlm") == "vlm_model_vlm"
+    assert remote_code.flat_module_name("vlm.model.vlm") == "vlm_model_vlm"

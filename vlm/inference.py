@@ -15,41 +15,21 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, TextStreamer
+from transformers import TextStreamer
 
 from vlm.config import DTYPES as DTYPE_NAMES
 from vlm.data.image import ImagePreprocessConfig, ImagePreprocessor
 from vlm.data.text import ChatEncoder
 from vlm.formats.constants import DEFAULT_MAX_PIXELS, IMAGE_TAG
 from vlm.load import load_any
+from vlm.model.generation import GenerationSettings
 from vlm.model.vlm import MiniMindVLM
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding options; temperature 0 means greedy (the default)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    def config(self, tokenizer: Any, model: MiniMindVLM) -> GenerationConfig:
-        """transformers' GenerationConfig for these options and the model's special token ids."""
-        sampling = self.temperature > 0
-        extra = {"temperature": self.temperature, "top_p": self.top_p} if sampling else {}
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=sampling, repetition_penalty=self.repetition_penalty,
-            eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id,
-            bos_token_id=model.config.bos_token_id, **extra,
-        )
 
 
 class CallbackStreamer(TextStreamer):
@@ -113,9 +93,11 @@ class LoadedVLM:
         return rows
 
     def generate(self, conversations: Sequence[dict], images: Sequence[Any] = (),
-                 settings: GenerationSettings = GenerationSettings(),
+                 settings: GenerationSettings | None = None,
                  on_text: Callable[[str], None] | None = None) -> str:
-        """The reply to `conversations` (whose `<image>` tags match `images`); `on_text` receives it as it grows."""
+        """The reply to `conversations` (whose `<image>` tags match `images`); `on_text` receives it as it grows.
+        `settings` None: greedy, `GenerationSettings()`."""
+        settings = settings or GenerationSettings()
         ids = self.prompt_ids(conversations, len(images))[None]  # (1, L)
         pixels = self.pixels(images)[None] if images else None  # (1, N, 3, H, W)
         streamer = CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None

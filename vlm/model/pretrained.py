@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm.model.config import VLMConfig
+from vlm.model.remote_code import add_transformers_files
 from vlm.model.vision_encoder import load_vision_encoder, save_vision_encoder
 from vlm.model.vlm import MiniMindVLM
 from vlm.model.weights import WeightsMismatchError, load_state_strict, minimind_state_dict
@@ -30,7 +31,8 @@ def save_vlm_folder(
     model: MiniMindVLM, folder: str | Path, tokenizer=None, vision_source: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write the folder. `vision_source`: the vision folder the encoder came from (for its preprocessor config)."""
+    """Write the folder, loadable by this project and by plain transformers (`add_transformers_files`).
+    `vision_source`: the vision folder the encoder came from (for its preprocessor config)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict() | {"vision_model_path": VISION_SUBFOLDER}
@@ -47,7 +49,7 @@ def save_vlm_folder(
             shutil.copy(Path(vision_source) / "preprocessor_config.json", folder / VISION_SUBFOLDER)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    return folder
+    return add_transformers_files(folder, model, tokenizer)
 
 
 def load_vlm_folder(folder: str | Path, trainable_vision: bool = False, device: str | torch.device = "cpu"):

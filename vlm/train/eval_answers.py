@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 from vlm.build import Built
 from vlm.config import Config
@@ -36,6 +35,7 @@ from vlm.data.sources import resolve_sources
 from vlm.data.text import ChatEncoder
 from vlm.formats.errors import BadSample
 from vlm.formats.scoring import SCORES, answer_split, mean_scores, question_text, score_pair
+from vlm.model.generation import GenerationSettings
 from vlm.train import distributed
 
 log = logging.getLogger("vlm.train")
@@ -91,8 +91,7 @@ def greedy_reply(model, prompt_ids: torch.Tensor, pixels: torch.Tensor | None, m
     config = model.config
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids = prompt_ids[None].to(device)  # (1, L)
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=config.eos_token_id,
-                                  pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id)
+    generation = GenerationSettings(max_new_tokens=max_new_tokens).config(None, model)  # greedy, as vlm.chat
     out = model.generate(ids, pixel_values=None if pixels is None else pixels[None].to(device, dtype),
                          attention_mask=torch.ones_like(ids), generation_config=generation, synced_gpus=synced)
     reply = out[0, ids.shape[1]:].tolist()
