@@ -25,20 +25,15 @@ writes in input order, so the bytes are the same for any worker count.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from data_tools import inputs
 from data_tools.shard_writer import ShardSink
@@ -49,6 +44,7 @@ from vlm.formats.errors import BadSample
 from vlm.formats.records import read_image
 
 PROGRESS_NAME = ".shard-progress.json"
+_SAMPLE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Files this tool may delete in an output folder (on resume or --overwrite): its shards, indexes, temps.
 _OWN_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar(\.idx\.json)?(\.tmp)?$")
@@ -129,7 +125,7 @@ def process_record(cfg: RecordConfig, line: int, end_byte: int, payload) -> Resu
     doc = {"conversations": record["conversations"], "source": {"file": cfg.file_name, "line": line},
            "images": names}
     doc.update((k, v) for k, v in record.items() if k not in ("conversations", "image"))
-    members = {"json": json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")}
+    members = {"json": _SAMPLE_JSON.encode(doc).encode("utf-8")}
     for i, image in enumerate(images):
         members[f"{i}.{image.ext}"] = image.data
     return Result(line, end_byte, key=mf.sample_key(cfg.prefix, line), members=members,
@@ -168,6 +164,9 @@ def ordered_map(fn: Callable, cfg: RecordConfig, items: Iterable, workers: int, 
         for item in items:
             yield from fn(cfg, [item])
         return
+    import multiprocessing  # only a pool needs these (about 10 ms to import)
+    from concurrent.futures import ProcessPoolExecutor
+
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque = deque()
@@ -317,6 +316,8 @@ def shard_corpus(opts: Options, after_shard: Callable[[int], None] | None = None
     cfg = RecordConfig(images_root, inputs.input_name(opts.input), fmt, prefix, opts.max_pixels,
                        opts.full_decode, opts.resize_max)
     writer = _Writer(opts, prefix, progress, after_shard)
+    from tqdm import tqdm
+
     bar = tqdm(total=total, initial=progress.next_line, unit="record", desc=prefix, disable=None)
     records = inputs.read_records(opts.input, fmt, progress.next_line, progress.next_byte)
     try:
@@ -357,7 +358,7 @@ def _build_manifest(opts: Options, args: dict, fmt: str, progress: Progress, sha
         by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
     return {
         "format": mf.FORMAT,
-        "tool": {"name": "data_tools.shard", "version": importlib.metadata.version("minimind-vlm-trainer")},
+        "tool": {"name": "data_tools.shard", "version": __import__("vlm").__version__},
         "args": args,
         "source": {"input": opts.input, "format": fmt, "sha256": sha, "bytes": size, "images": opts.images},
         "input_records": progress.input_records,

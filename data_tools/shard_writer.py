@@ -3,44 +3,155 @@
 The shard layout (names, keys, members, index files) is specified in `vlm.formats.manifest`; this module only
 writes the bytes. Output is deterministic: fixed owner, mode and mtime, so identical samples give identical
 shards whatever process wrote them.
+
+The tar bytes are built here with the standard library alone, so the sharder never imports webdataset (which
+imports torch: about a second per process). They are the bytes `webdataset.TarWriter(encoder=False, user="vlm",
+group="vlm", mode=0o444, mtime=0)` writes through `tarfile` (POSIX.1-2001 format): a sample's members sorted
+by suffix, each a 512-byte ustar header, its data and zero padding to 512 bytes; a name that is not ASCII or is
+longer than 100 characters gets a pax extended header (`path=`) first, as tarfile writes it; two zero blocks
+end the archive, which is padded to a whole 10 KiB record. The layout is fixed here rather than taken from
+the running `tarfile`; `tests/data_tools/test_shard_writer.py` compares it with tarfile's and webdataset's.
+A thread hashes and writes the bytes while the caller prepares the next samples (`_BackgroundFile`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from pathlib import Path
 
 from vlm.formats import manifest as mf
 
-_TAR_BLOCK, _TAR_RECORD = 512, 20 * 512  # tarfile pads the closed archive to whole records
+_BLOCK, _RECORD = 512, 20 * 512  # tar block; tarfile pads the closed archive to whole 10 KiB records
+_NAME_FIELD = 100  # bytes of the ustar name field
+_MAX_SIZE = 8**11  # sizes from here on do not fit the 11 octal digits of the size field
+_USER = b"vlm"  # uname and gname; uid, gid and mtime are 0
+_MODE = 0o444
 
 
-class _HashingFile:
-    """Write-through file wrapper counting bytes and hashing them, so a shard is never read back to hash."""
+def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0", mode: int = _MODE, owner: bytes = _USER) -> bytes:
+    """One 512-byte ustar header block, field for field as tarfile writes it (devmajor/devminor empty)."""
+    head = (name[:_NAME_FIELD].ljust(_NAME_FIELD, b"\0") + b"%07o\0" % mode + b"0000000\0" * 2
+            + b"%011o\0" % size + b"00000000000\0")
+    tail = typeflag + bytes(100) + b"ustar\x0000" + owner.ljust(32, b"\0") * 2 + bytes(16 + 155 + 12)
+    # The checksum is the byte sum of the header with its own 8-byte field counted as spaces (8 * 32).
+    return head + b"%06o\0 " % (sum(head) + sum(tail) + 8 * 32) + tail
 
-    def __init__(self, f):
-        self.f, self.digest, self.bytes = f, hashlib.sha256(), 0
 
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
+_FILE_MODE_IDS = b"%07o\0" % _MODE + b"0000000\0" * 2  # mode, uid, gid of every member
+_FILE_TAIL = _ustar_header(b"", 0)[156:]  # everything after the checksum field of a member's header
+_FILE_TAIL_SUM = sum(_FILE_TAIL) + 8 * 32
+
+
+def _pax_header(name: str) -> bytes:
+    """The pax extended header (header block plus padded `path` record) tarfile puts before a long name."""
+    value = name.encode("utf-8")
+    length = len(value) + len(" path=\n")
+    digits = len(str(length))
+    digits = len(str(length + digits))  # the record's length counts its own decimal digits
+    record = b"%d path=%s\n" % (length + digits, value)
+    padded = record + bytes(-len(record) % _BLOCK)
+    return _ustar_header(b"././@PaxHeader", len(record), typeflag=b"x", mode=0, owner=b"") + padded
+
+
+def member_header(name: str, size: int) -> bytes:
+    """Header bytes of one regular file member NAME of SIZE bytes: one block, or pax header + block."""
+    if size >= _MAX_SIZE or size < 0:
+        raise ValueError(f"tar member {name!r} has {size} bytes; a shard member must be under 8 GiB")
+    if name.isascii() and len(name) <= _NAME_FIELD:
+        raw = name.encode("ascii")
+        fields = _FILE_MODE_IDS + b"%011o\0" % size + b"00000000000\0"
+        return raw.ljust(_NAME_FIELD, b"\0") + fields + b"%06o\0 " % (sum(raw) + sum(fields) + _FILE_TAIL_SUM) \
+            + _FILE_TAIL
+    # tarfile's ustar field for such a name: ASCII with "?" for other characters, cut at 100 bytes.
+    return _pax_header(name) + _ustar_header(name.encode("ascii", "replace"), size)
+
+
+def _member_bytes(name: str, size: int) -> int:
+    return (_BLOCK if name.isascii() and len(name) <= _NAME_FIELD else len(member_header(name, 0))) \
+        + -(-size // _BLOCK) * _BLOCK
+
+
+class _BackgroundFile:
+    """Hashes and writes chunks, in order, on one thread, so the copy into the page cache and SHA-256 (both
+    release the GIL) overlap with reading and checking the next samples. Chunks go over in batches of about
+    1 MiB (a hand-over per sample would cost more than it saves), at most `_IN_FLIGHT` batches waiting."""
+
+    _BATCH, _IN_FLIGHT = 1 << 20, 4
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # chunks above the 8 KiB buffer go straight to the OS, not copied
+        self.digest, self.bytes = hashlib.sha256(), 0
+        self.batch: list[bytes] = []
+        self.batch_bytes = 0
+        self.error: BaseException | None = None  # the writing thread's first failure, raised in the caller's
+        self.todo: queue.Queue[list[bytes] | None] = queue.Queue(self._IN_FLIGHT)  # None ends the thread
+        # A daemon: a sink left open (a crash) must not keep the interpreter from exiting.
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+        self.closed = False
+
+    def write(self, chunk: bytes) -> None:
+        """Queue CHUNK; it reaches the file after every chunk written before it."""
+        self.bytes += len(chunk)
+        self.batch.append(chunk)
+        self.batch_bytes += len(chunk)
+        if self.batch_bytes >= self._BATCH:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.batch:
+            self.todo.put(self.batch)  # waits while _IN_FLIGHT batches are queued: memory stays bounded
+            self.batch, self.batch_bytes = [], 0
+
+    def _run(self) -> None:
+        while (batch := self.todo.get()) is not None:
+            if self.error is not None:
+                continue  # after a failure only drain: the caller raises it at its next hand-over or at close
+            try:
+                for chunk in batch:
+                    self.digest.update(chunk)
+                    self.file.write(chunk)
+            except BaseException as e:  # handed to the caller's thread
+                self.error = e
+
+    def close(self, sync: bool) -> None:
+        """Close the file once everything queued is written. With SYNC, fsync it first and raise the first
+        failed write; without (a shard being aborted), failures are ignored. A second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if sync:
+                self._hand_over()
+        finally:
+            self.todo.put(None)
+            self.thread.join()
+            try:
+                if sync and self.error is not None:
+                    raise self.error
+                if sync:
+                    self.file.flush()
+                    os.fsync(self.file.fileno())
+            finally:
+                try:
+                    self.file.close()  # flushes the last bytes of the buffer
+                except OSError:
+                    if sync:
+                        raise
 
 
 class ShardSink:
     """One shard being written under NAME.tmp; `finish` renames it and writes its index."""
 
     def __init__(self, outdir: Path, name: str):
-        # webdataset imports torch (about a second); only the writing process needs it.
-        from webdataset import TarWriter
-
-        self.outdir, self.name = outdir, name
-        self.tmp = outdir / (name + ".tmp")
-        self.file = open(self.tmp, "wb", buffering=1 << 20)  # tarfile writes 10 KiB records; batch them
-        self.hashing = _HashingFile(self.file)
-        # Fixed owner, mode and mtime: identical input and options give identical bytes.
-        self.tar = TarWriter(self.hashing, encoder=False, user="vlm", group="vlm", mode=0o444, mtime=0)
+        self.outdir, self.name = Path(outdir), name
+        self.tmp = self.outdir / (name + ".tmp")
+        self.out = _BackgroundFile(self.tmp)
         self.keys: list[str] = []
         self.offsets: list[int] = []
         self.sizes: list[int] = []
@@ -53,35 +164,40 @@ class ShardSink:
 
     def size_with(self, key: str, members: dict) -> int:
         """Final file size if this sample were added and the shard then closed."""
-        tail = sum(_TAR_BLOCK + -(-len(v) // _TAR_BLOCK) * _TAR_BLOCK for v in members.values())
-        end = self.tar.tarstream.offset + tail + 2 * _TAR_BLOCK  # two zero blocks end the archive
-        return -(-end // _TAR_RECORD) * _TAR_RECORD
+        tail = sum(_member_bytes(f"{key}.{suffix}", len(data)) for suffix, data in members.items())
+        end = self.out.bytes + tail + 2 * _BLOCK  # two zero blocks end the archive
+        return -(-end // _RECORD) * _RECORD
 
     def add(self, key: str, members: dict, line: int) -> None:
-        """Append one sample's members to the tar; record its key, offset and size (bytes) and JSONL line."""
-        start = self.tar.tarstream.offset
-        self.tar.write({"__key__": key, **members})
+        """Append one sample's members (suffix -> bytes, written sorted by suffix as webdataset does) to the
+        tar; record its key, offset and size (bytes) and JSONL line."""
+        parts = []
+        for suffix in sorted(members):
+            data = members[suffix]
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"member {key}.{suffix} is {type(data).__name__}, not bytes")
+            parts += (member_header(f"{key}.{suffix}", len(data)), data, bytes(-len(data) % _BLOCK))
+        chunk = b"".join(parts)  # one hash update and one write per sample, on the writing thread
         self.keys.append(key)
-        self.offsets.append(start)
-        self.sizes.append(self.tar.tarstream.offset - start)
+        self.offsets.append(self.out.bytes)
+        self.sizes.append(len(chunk))
         self.lines.append(line)
+        self.out.write(chunk)
 
     def finish(self) -> dict:
         """Close, fsync and rename the shard, write its index; returns the manifest's shard entry."""
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        end = self.out.bytes + 2 * _BLOCK
+        self.out.write(bytes(2 * _BLOCK + -end % _RECORD))
+        self.out.close(sync=True)
         os.replace(self.tmp, self.outdir / self.name)
         index = mf.dumps({"keys": self.keys, "offsets": self.offsets, "sizes": self.sizes}, compact=True)
         mf.write_bytes_atomic(self.outdir / mf.index_name(self.name), index)
-        return {"name": self.name, "samples": self.samples, "bytes": self.hashing.bytes,
-                "sha256": self.hashing.digest.hexdigest(), "index": mf.index_name(self.name),
+        return {"name": self.name, "samples": self.samples, "bytes": self.out.bytes,
+                "sha256": self.out.digest.hexdigest(), "index": mf.index_name(self.name),
                 "index_sha256": hashlib.sha256(index).hexdigest(),
                 "first_line": self.lines[0] if self.lines else None, "last_line": self.lines[-1] if self.lines else None}
 
     def abort(self) -> None:
         """Close and delete the unfinished NAME.tmp; no index is written."""
-        self.tar.close()  # otherwise its stream flushes into the closed file when garbage-collected
-        self.file.close()
+        self.out.close(sync=False)
         self.tmp.unlink(missing_ok=True)

@@ -30,11 +30,8 @@ import warnings
 import zlib
 from dataclasses import dataclass
 
-from PIL import Image
-
 from vlm.formats.constants import IMAGE_FORMATS
 from vlm.formats.errors import BadSample
-from vlm.formats.pictures import orient, to_8bit
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -130,7 +127,9 @@ def _png_size(data: bytes, name: str) -> tuple[int, int]:
         pos = end + 4
 
 
-def _open(data: bytes, name: str) -> Image.Image:
+def _open(data: bytes, name: str):
+    from PIL import Image
+
     # PIL's own bomb check runs inside open(), against its global limit; turn its warning into an error and
     # report both as too_many_pixels. Our limit is checked by the caller from the header size.
     with warnings.catch_warnings():
@@ -145,7 +144,7 @@ def _open(data: bytes, name: str) -> Image.Image:
             raise BadSample("bad_image", f"{name!r}: {e}") from e
 
 
-def _decode(image: Image.Image, name: str) -> None:
+def _decode(image, name: str) -> None:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -153,7 +152,9 @@ def _decode(image: Image.Image, name: str) -> None:
         raise BadSample(reason, f"{name!r} does not decode: {e}") from e
 
 
-def _as_the_trainer_reads(image: Image.Image, name: str) -> Image.Image:
+def _as_the_trainer_reads(image, name: str):
+    from vlm.formats.pictures import orient, to_8bit
+
     """The decoded picture upright and in 8 bits, or the trainer's BadSample (same reason), naming the file."""
     try:
         return to_8bit(orient(image))
@@ -161,7 +162,9 @@ def _as_the_trainer_reads(image: Image.Image, name: str) -> Image.Image:
         raise BadSample(e.reason, f"{name!r}: {e.detail}") from e
 
 
-def _shrink(image: Image.Image, is_jpeg: bool, resize_max: int) -> CheckedImage:
+def _shrink(image, is_jpeg: bool, resize_max: int) -> CheckedImage:
+    from PIL import Image
+
     """Resize an upright 8-bit picture so the longer side is resize_max; JPEG stays JPEG (quality 90), anything
     else becomes PNG (L, LA, RGB or RGBA; alpha kept for the trainer to composite). No EXIF is written."""
     if is_jpeg:

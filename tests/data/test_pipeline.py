@@ -19,6 +19,7 @@ from tests.data.shard_fixtures import (
 )
 from vlm.data import plan
 from vlm.data.image import ImagePreprocessor, PixelNormalizer
+from vlm.data.order import EpochOrder
 from vlm.data.pipeline import BadSampleLog
 from vlm.data.reader import ShardReader, decode_members
 from vlm.data.sources import SourceError
@@ -62,10 +63,10 @@ def test_two_workers_through_a_real_dataloader(uneven, tokenizer):
     keys = keys_of(batches)
     assert len(set(keys)) == 24 and set(keys) <= all_keys("c", 25)
     # The keys are exactly what the pure plan says, in the same order.
-    order = plan.epoch_order(plan.epoch_runs([UNEVEN], [1.0], 5, 0), 4, 5, 0)
+    order = EpochOrder([UNEVEN], [1.0], 4, 5, 0)
     reader = ShardReader(loader.sources.shards)
     expected = [reader.key(int(i)) for step in range(8)
-                for i in order[slice(*plan.batch_range(25, loader.geometry, 0, step))]]
+                for i in order.ids(range(*plan.batch_range(25, loader.geometry, 0, step)))]
     assert keys == expected
 
 

@@ -6,17 +6,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from vlm.data.order import EpochOrder
 from vlm.data.plan import (
+    OLD_FORMAT,
+    POSITION_FORMAT,
     Geometry,
     PositionError,
     batch_range,
     consumed_before,
-    consumed_mask,
+    consumed_ranges,
     current_plan,
     dropped_samples,
     epoch_micro_batches,
-    epoch_order,
-    epoch_runs,
     epoch_size,
     loader_slot,
     micro_batches,
@@ -31,7 +32,8 @@ UNEVEN = [37, 5, 61]  # one source, three deliberately uneven shards
 
 
 def order_for(seed=3, epoch=0, counts=UNEVEN, chunk_size=8):
-    return epoch_order(epoch_runs([counts], [1.0], seed, epoch), chunk_size, seed, epoch)
+    order = EpochOrder([counts], [1.0], chunk_size, seed, epoch)
+    return order.ids(np.arange(len(order)))
 
 
 def rank_stream(position, rank, limit=None):
@@ -130,7 +132,8 @@ def test_consumed_set_is_whole_global_batches_then_each_ranks_first_micro_batche
     whole, partial = divmod(consumed, g.accumulation)
     expected = list(range(whole * 12)) + [whole * 12 + r * 6 + i for r in range(2) for i in range(partial * 2)]
     assert sorted(np.concatenate(used).tolist()) == expected
-    assert np.flatnonzero(consumed_mask(n, g, consumed)).tolist() == expected
+    starts, stops = consumed_ranges(n, g, consumed)
+    assert [i for a, b in zip(starts.tolist(), stops.tolist()) for i in range(a, b)] == expected
 
 
 def test_order_is_deterministic_per_seed_and_epoch_and_differs_between_epochs():
@@ -240,9 +243,11 @@ def test_epoch_length_is_the_same_every_epoch_and_for_every_rank():
 
 def test_mixing_weights_whole_copies_and_fresh_fractions():
     counts = [[10, 7], [4, 4, 4]]
-    runs0 = epoch_runs(counts, [2.0, 0.5], seed=1, epoch=0)
-    runs1 = epoch_runs(counts, [2.0, 0.5], seed=1, epoch=1)
+    order0 = EpochOrder(counts, [2.0, 0.5], 4, seed=1, epoch=0)
+    runs0 = list(order0.runs())
+    runs1 = list(EpochOrder(counts, [2.0, 0.5], 4, seed=1, epoch=1).runs())
     ids0, ids1 = np.concatenate(runs0), np.concatenate(runs1)
+    assert sorted(order0.ids(np.arange(len(order0))).tolist()) == sorted(ids0.tolist())  # S shuffles these runs
     assert len(ids0) == len(ids1) == epoch_size(counts, [2.0, 0.5]) == 34 + 6
     c0 = Counter(ids0.tolist())
     assert all(c0[i] == 2 for i in range(17))  # weight 2: each sample of source 0 twice
@@ -259,8 +264,24 @@ def test_mixing_weights_whole_copies_and_fresh_fractions():
 def test_a_position_of_another_format_is_refused_by_name():
     g = Geometry(2, 2, 3)
     other = {**new_position(3, 1, 100, g), "format": "vlm-data-position/0"}
-    with pytest.raises(PositionError, match="vlm-data-position/2"):
+    with pytest.raises(PositionError, match=POSITION_FORMAT):
         resume(other, g, seed=3, num_samples=100)
+
+
+def test_a_format_2_position_is_read_where_the_order_plays_no_part():
+    g = Geometry(2, 2, 3)
+    n = 100
+    old = {**new_position(3, 1, n, g), "format": OLD_FORMAT}
+    start = resume(json.loads(json.dumps(old)), Geometry(1, 0, 3), seed=3, num_samples=n)
+    assert start["format"] == POSITION_FORMAT and start["epoch"] == 1 and epoch_micro_batches(start) == n // 3
+    end = resume({**with_consumed(new_position(3, 1, n, g), micro_batches(n, g)), "format": OLD_FORMAT}, g, 3, n)
+    assert end["format"] == POSITION_FORMAT and dropped_samples(end) == n % 6
+    middle = {**with_consumed(new_position(3, 1, n, g), 4), "format": OLD_FORMAT}
+    resampled = resume(middle, g, seed=3, num_samples=n, exact=False)  # no epoch order in resampled mode
+    assert resampled["segments"] == middle["segments"] and resampled["format"] == POSITION_FORMAT
+    with pytest.raises(PositionError, match="4 micro-batches into epoch 1.*--resume never"):
+        resume(middle, g, seed=3, num_samples=n)
+
 
 def test_position_errors_name_what_differs():
     g = Geometry(2, 2, 3)

@@ -1,19 +1,21 @@
 """Epoch plan and loader position: which samples each rank's micro-batches hold, as pure functions (no I/O).
 
-    from vlm.data.plan import Geometry, epoch_order, new_position, slot_schedule
-    order = epoch_order(runs, chunk_size=64, seed=42, epoch=0)        # S: sample ids in epoch order
+    from vlm.data.order import EpochOrder
+    from vlm.data.plan import Geometry, epoch_positions, new_position, slot_schedule
+    order = EpochOrder(shard_counts, weights, chunk_size=64, seed=42, epoch=0)   # S, computed, never stored
     position = new_position(seed=42, epoch=0, num_samples=len(order), geometry=Geometry(2, 2, 16, 4))
     for micro_step, start, stop in slot_schedule(position, rank=1, worker=0):
-        ids = order[remaining_positions(position)[start:stop]]           # the B samples of that micro-batch
+        ids = order.ids(epoch_positions(position, np.arange(start, stop)))   # the B samples of that micro-batch
 
 Notation: N samples in the epoch, W data-parallel ranks, K DataLoader workers per rank (K=0 runs in the
 main process and counts as one slot), B samples per micro-batch, A gradient-accumulation steps,
 G = W*B*A samples per optimizer step (the global batch).
 
-Epoch order S. Every run of consecutive samples (one shard, or the part of it chosen this epoch) is cut into
-chunks of `chunk_size`; the chunks are permuted, and the samples inside each chunk permuted, by one RNG
-seeded with (seed, epoch). Same (seed, epoch) -> same S; another epoch -> another shard and sample order,
-while reads stay within a few chunks at a time.
+Epoch order S (`vlm.data.order`). Every run of consecutive samples (one shard, or the part of it chosen this
+epoch) is cut into chunks of `chunk_size`; the chunks are permuted, and the samples inside each chunk
+permuted, by keyed bijections seeded with (seed, epoch). Same (seed, epoch) -> same S on every rank, worker
+and process; another epoch -> another shard and sample order, while reads stay within a few chunks at a time.
+S is computed one position at a time, so nothing here or in `vlm.data.order` holds N of anything.
 
 Segment plan, dealt global-batch-major. A segment plans a list R of positions in S still to be used (all of
 S at the start of an epoch). Every rank runs M = floor(|R| / G) * A micro-batches, computed from counts
@@ -27,15 +29,21 @@ IterableDataset; after a resume at micro-batch c, DataLoader worker w plays slot
 `loader_slot`), so K workers and K=0 yield the same batches.
 
 Position. A JSON-able dict {format, seed, epoch, num_samples, segments: [{world_size, workers, batch_size,
-accumulation, micro_batches_consumed}]}. After c micro-batches per rank a segment has used the first
-floor(c/A) global batches of R (a prefix) and, when c % A != 0, every rank's first c % A micro-batches of
-global batch floor(c/A). Checkpoints are taken at optimizer-step boundaries, so normally that is a prefix.
-Restored with the last segment's (W, B, A) - in exact mode with any worker count - each worker skips exactly
-the batches already delivered, without reading them, and the stream continues identically. Restored with another
-(W, B, A), the remaining positions of R, in S order (the old tail included), are planned again as a new
-segment: after a step boundary that just continues S after the consumed prefix, so with an unchanged G
-even the global batches (and the tail) stay the same. Several resizes in one epoch stack segments. No
-position is used twice or lost; only the last segment's tail is dropped.
+accumulation, micro_batches_consumed}]}: about 100 bytes a segment, whatever N. After c micro-batches per rank a
+segment has used the first floor(c/A) global batches of R (a prefix) and, when c % A != 0, every rank's
+first c % A micro-batches of global batch floor(c/A) (`consumed_ranges`: a prefix and W ranges).
+Checkpoints are taken at optimizer-step boundaries, so normally that is a prefix. Restored with the last
+segment's (W, B, A) - in exact mode with any worker count - each worker skips exactly the batches already
+delivered, without reading them, and the stream continues identically. Restored with another (W, B, A),
+the remaining positions of R, in S order (the old tail included), are planned again as a new segment: after a
+step boundary that just continues S after the consumed prefix, so with an unchanged G even the global batches
+(and the tail) stay the same. Several resizes in one epoch stack segments; index i of the last segment's R is
+mapped back to S through each earlier segment's consumed ranges (`epoch_positions`, O(log W) per segment).
+No position is used twice or lost; only the last segment's tail is dropped.
+
+Format 3 (this one) differs from format 2 only in S (format 2 shuffled a materialised list). A format-2
+position is read where S plays no part: at the start of an epoch, at its end, and in resampled mode; one saved
+in the middle of an exact epoch is refused (`resume`), since its remaining samples were a set under the old S.
 """
 
 from __future__ import annotations
@@ -45,7 +53,10 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-POSITION_FORMAT = "vlm-data-position/2"
+from vlm.data.order import source_samples
+
+POSITION_FORMAT = "vlm-data-position/3"
+OLD_FORMAT = "vlm-data-position/2"  # the same positions over the materialised S of earlier versions
 
 
 class PositionError(ValueError):
@@ -124,77 +135,38 @@ def batch_range(num_positions: int, geometry: Geometry, rank: int, step: int) ->
     return begin, begin + geometry.batch_size
 
 
-def consumed_mask(num_positions: int, geometry: Geometry, consumed: int) -> np.ndarray:
-    """Bool (num_positions,): the positions used by micro-batches 0..consumed-1 on every rank.
+def consumed_ranges(num_positions: int, geometry: Geometry, consumed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops), (W + 1,) int64 each: the [start, stop) ranges of a segment's positions (indexes of its
+    R) used by micro-batches 0..consumed-1 on every rank; ascending, disjoint, some maybe empty.
 
-    That is the first consumed // A global batches, plus every rank's first consumed % A micro-batches of
-    the next one (A*B consecutive positions per rank and step, ranks one after another).
+    That is the first consumed // A global batches, then every rank's first consumed % A micro-batches of
+    the next one (A*B consecutive positions per rank and step, ranks one after another). Raises
+    PositionError if `consumed` is more than the segment's micro-batches per rank.
     """
     m = micro_batches(num_positions, geometry)
     if not 0 <= consumed <= m:
         raise PositionError(f"{consumed} micro-batches consumed, but this plan has only {m} per rank")
     whole, partial = divmod(consumed, geometry.accumulation)
-    mask = np.zeros(num_positions, dtype=bool)
-    mask[: whole * geometry.global_batch] = True
-    per_rank = geometry.accumulation * geometry.batch_size
-    for rank in range(geometry.world_size if partial else 0):
-        begin = whole * geometry.global_batch + rank * per_rank
-        mask[begin : begin + partial * geometry.batch_size] = True
-    return mask
-def epoch_order(runs: Sequence[np.ndarray], chunk_size: int, seed: int, epoch: int) -> np.ndarray:
-    """S: the ids of `runs` (arrays of consecutive sample ids) chunked, chunks and chunk contents shuffled."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    runs = [np.asarray(r, dtype=np.int64) for r in runs if len(r)]
-    if not runs:
-        return np.zeros(0, dtype=np.int64)
-    flat = np.concatenate(runs)
-    # Chunk id of every element: chunks restart at each run's start, so no chunk spans two shards.
-    chunk = np.concatenate([np.arange(len(r)) // chunk_size for r in runs])
-    first_chunk = np.cumsum([0] + [-(-len(r) // chunk_size) for r in runs[:-1]])
-    chunk += np.repeat(first_chunk, [len(r) for r in runs])
-    rng = np.random.default_rng([seed, epoch])
-    chunk_rank = np.empty(int(chunk[-1]) + 1, dtype=np.int64)
-    chunk_rank[rng.permutation(len(chunk_rank))] = np.arange(len(chunk_rank))
-    # Sort by (new chunk position, random key): a chunk permutation plus a permutation inside every chunk.
-    order = np.lexsort((rng.random(len(flat)), chunk_rank[chunk]))
-    return flat[order]
+    prefix, per_rank = whole * geometry.global_batch, geometry.accumulation * geometry.batch_size
+    starts = np.concatenate([[0], prefix + per_rank * np.arange(geometry.world_size)]).astype(np.int64)
+    stops = np.concatenate([[prefix], starts[1:] + partial * geometry.batch_size]).astype(np.int64)
+    return starts, stops
 
 
-def epoch_runs(shard_counts: Sequence[Sequence[int]], weights: Sequence[float], seed: int, epoch: int
-               ) -> list[np.ndarray]:
-    """This epoch's runs of global sample ids for mixed sources.
+def _through_consumed(index: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Index i of the positions left outside the ranges [starts, stops) -> its index before removing them.
 
-    `shard_counts[s]` lists source s's shard sizes; ids are numbered across all shards in that order.
-    Source s contributes floor(weights[s] * its samples) samples: whole copies of every shard, plus a
-    fresh random subset (seeded by seed, epoch, s) of the fractional part, kept in shard order.
+    i lands after range j when the positions kept before range j, starts[j] - (lengths of ranges < j), are
+    <= i; it then moves up by the lengths of ranges 0..j. O(log ranges) per index.
     """
-    if len(shard_counts) != len(weights):
-        raise ValueError(f"{len(weights)} weights for {len(shard_counts)} sources")
-    runs: list[np.ndarray] = []
-    base = 0
-    for s, (counts, weight) in enumerate(zip(shard_counts, weights)):
-        if not weight > 0:
-            raise ValueError(f"mixing weight {weight} of source {s} must be > 0")
-        total = sum(counts)
-        bounds = base + np.cumsum([0, *counts])
-        shards = [np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(len(counts))]
-        wanted = int(weight * total + 1e-9)
-        copies, extra = divmod(wanted, total) if total else (0, 0)
-        for _ in range(copies):
-            runs.extend(shards)
-        if extra:
-            rng = np.random.default_rng([seed, epoch, s, 1])
-            chosen = np.sort(rng.choice(total, size=extra, replace=False)) + base
-            cut = np.searchsorted(chosen, bounds[1:-1])
-            runs.extend(np.split(chosen, cut))
-        base += total
-    return [r for r in runs if len(r)]
+    removed = np.cumsum(stops - starts)  # (ranges,) lengths up to and including each range
+    kept_before = starts - (removed - (stops - starts))
+    return index + removed[np.searchsorted(kept_before, index, side="right") - 1]
 
 
 def epoch_size(shard_counts: Sequence[Sequence[int]], weights: Sequence[float]) -> int:
-    """N, the samples per epoch `epoch_runs` gives (the same every epoch)."""
-    return sum(int(w * sum(c) + 1e-9) for c, w in zip(shard_counts, weights))
+    """N, the samples per epoch the sources give with these weights (the same every epoch)."""
+    return sum(source_samples(sum(c), w) for c, w in zip(shard_counts, weights))
 
 
 def new_position(seed: int, epoch: int, num_samples: int, geometry: Geometry) -> dict:
@@ -213,13 +185,40 @@ def segment_geometry(segment: dict) -> Geometry:
     return Geometry(segment["world_size"], segment["workers"], segment["batch_size"], segment["accumulation"])
 
 
-def remaining_positions(position: dict) -> np.ndarray:
-    """Positions in S (ascending) that the last segment plans: all of S minus what earlier segments used."""
-    remaining = np.arange(position["num_samples"], dtype=np.int64)
+def _segment_sizes(position: dict) -> list[int]:
+    """|R| of every segment: N, then what each segment leaves to the next (W*B per micro-batch consumed)."""
+    sizes = [int(position["num_samples"])]
     for segment in position["segments"][:-1]:
-        used = consumed_mask(len(remaining), segment_geometry(segment), segment["micro_batches_consumed"])
-        remaining = remaining[~used]
-    return remaining
+        g = segment_geometry(segment)
+        sizes.append(sizes[-1] - g.world_size * g.batch_size * segment["micro_batches_consumed"])
+    return sizes
+
+
+def remaining_count(position: dict) -> int:
+    """|R| of the last segment: the positions of S it plans (N less what earlier segments used)."""
+    return _segment_sizes(position)[-1]
+
+
+def epoch_positions(position: dict, index: np.ndarray) -> np.ndarray:
+    """Positions in S of the last segment's R[index]: (m,) int64 for (m,) indexes in [0, remaining_count).
+
+    R is S less the ranges earlier segments consumed, in S order, so each earlier segment maps the index
+    back through its `consumed_ranges`. O(m * segments * log W). Raises IndexError outside R.
+    """
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    sizes = _segment_sizes(position)
+    if index.size and (index.min() < 0 or index.max() >= sizes[-1]):
+        raise IndexError(f"indexes must lie in [0, {sizes[-1]}), the positions this segment plans")
+    for n, segment in zip(reversed(sizes[:-1]), reversed(position["segments"][:-1])):
+        starts, stops = consumed_ranges(n, segment_geometry(segment), segment["micro_batches_consumed"])
+        index = _through_consumed(index, starts, stops)
+    return index
+
+
+def remaining_positions(position: dict) -> np.ndarray:
+    """All of R as positions in S (ascending). O(|R|) memory: for tests and small epochs; loaders map only
+    the indexes of the micro-batch at hand with `epoch_positions`."""
+    return epoch_positions(position, np.arange(remaining_count(position)))
 
 
 def consumed_before(position: dict) -> int:
@@ -230,7 +229,7 @@ def consumed_before(position: dict) -> int:
 def current_plan(position: dict) -> tuple[int, Geometry, int]:
     """(positions planned by the last segment, its geometry, micro-batches it has delivered)."""
     last = position["segments"][-1]
-    return len(remaining_positions(position)), segment_geometry(last), last["micro_batches_consumed"]
+    return remaining_count(position), segment_geometry(last), last["micro_batches_consumed"]
 
 
 def epoch_micro_batches(position: dict) -> int:
@@ -262,9 +261,10 @@ def resume(position: dict, geometry: Geometry, seed: int, num_samples: int, exac
     """`position` restored for a run with `geometry`: kept if it deals the same micro-batches, else re-planned.
 
     `exact` is False for resampled streams: they deal no samples, and any change of geometry starts a new
-    segment. Raises PositionError when the position does not fit this data or seed.
+    segment. A format-2 position is read where that loses nothing (`from_format_2`). Raises PositionError
+    when the position does not fit this data or seed.
     """
-    position = check_position(position)
+    position = check_position(from_format_2(position, exact))
     if position["seed"] != seed:
         raise PositionError(f"the data position was saved with seed {position['seed']}, this run uses {seed}; "
                             "set train.seed back to resume the epoch without repeating samples")
@@ -285,6 +285,27 @@ def resume(position: dict, geometry: Geometry, seed: int, num_samples: int, exac
     else:
         segments.append(_segment(geometry, 0))
     return {**position, "segments": segments}
+
+
+def from_format_2(position: dict, exact: bool) -> dict:
+    """A position saved by the earlier plan (format 2) as format 3, where its meaning is unchanged: nothing of
+    the epoch consumed yet, the last segment done (nothing left to deal), or resampled mode (`exact` False,
+    no S). Any other position is returned as it is. Raises PositionError for a format-2 position in the
+    middle of an exact epoch: the samples it has yet to deal were a set under the old S, not this one.
+    """
+    if not isinstance(position, dict) or position.get("format") != OLD_FORMAT:
+        return position
+    upgraded = check_position({**position, "format": POSITION_FORMAT})
+    n, geometry, consumed = current_plan(upgraded)
+    done = consumed_before(upgraded) + consumed
+    if exact and done and consumed < micro_batches(n, geometry):
+        raise PositionError(
+            f"the data position was saved by an earlier version (format {OLD_FORMAT!r}) {done} micro-batches into "
+            f"epoch {position['epoch']}; this version orders an epoch's samples differently ({POSITION_FORMAT!r}), "
+            "so the rest of that epoch cannot be dealt without repeating or losing samples. Finish the epoch with "
+            "the version that saved it (its checkpoint at the end of the epoch resumes here), or start again "
+            "with --resume never")
+    return upgraded
 
 
 def check_position(position: dict) -> dict:
@@ -323,7 +344,8 @@ def slot_schedule(position: dict, rank: int, worker: int) -> Iterator[tuple[int,
     """(micro_step, start, stop) for each micro-batch slot (rank, worker) still has to deliver.
 
     Slot k delivers the segment's micro-batches j with j % K == k, from the first one not yet consumed;
-    start:stop index `remaining_positions(position)`; micro_step counts from the start of the epoch.
+    start:stop index the last segment's R (`epoch_positions` maps them to S); micro_step counts from the start
+    of the epoch.
     Batches delivered before the position was saved are skipped without being produced.
     """
     n, geometry, consumed = current_plan(position)

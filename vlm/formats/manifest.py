@@ -3,7 +3,7 @@
 A shard folder made by `python -m data_tools.shard --input F [--images D] --out OUTDIR --prefix P` holds:
 
 Shards `{P}-{index:06d}.tar` (index from 0), uncompressed tar archives with POSIX ustar headers (no pax
-extended headers are needed for these short ASCII names), written with `webdataset.TarWriter` with fixed
+extended headers are needed for these short ASCII names), written by `data_tools.shard_writer` (the bytes `webdataset.TarWriter` writes) with fixed
 mtime 0, uid/gid 0, uname/gname "vlm" and mode 0444, so the same input and arguments give the same bytes.
 One sample per accepted record, key `{P}_{line:09d}` where line is the record's 1-based number in the input
 (the line of a JSONL, the element of a JSON array, the row of a parquet file; prefixes are [A-Za-z0-9_-], so

@@ -188,7 +188,7 @@ def read_image(images_root: str, name: str) -> bytes:
     try:
         # O_NOFOLLOW: the common case (a plain file) costs no extra system call; a symlink fails with ELOOP
         # and is then resolved in full, so one pointing outside the folder is caught.
-        f = open(path, "rb", opener=_open_nofollow)
+        f = open(path, "rb", buffering=0, opener=_open_nofollow)
     except OSError as e:
         if e.errno == errno.ELOOP:
             return _read(_resolve(images_root, name), name)
@@ -224,7 +224,7 @@ def _read(source, name: str) -> bytes:
     """Read a path or an open binary file; a zero-byte file is `empty_image`."""
     try:
         if isinstance(source, str):
-            with open(source, "rb") as f:
+            with open(source, "rb", buffering=0) as f:
                 data = f.read()
         else:
             data = source.read()
