@@ -158,16 +158,21 @@ def ordered_map(fn: Callable, cfg: RecordConfig, items: Iterable, workers: int, 
     """fn(cfg, batch) over batches of `items`, results flattened in input order.
 
     With workers > 1 a process pool runs the batches, at most 2 per worker in flight so memory stays
-    bounded when the writer is the slower side. Spawned workers never import webdataset (and torch).
+    bounded when the writer is the slower side. Workers are forked (no interpreter start, no re-imports) when
+    that is safe: on Linux, from a process with one thread and without torch loaded (the command line; the
+    pool starts every worker at its first task, before the writer's thread exists); else spawned. Neither
+    imports webdataset or torch.
     """
     if workers == 1:
         for item in items:
             yield from fn(cfg, [item])
         return
     import multiprocessing  # only a pool needs these (about 10 ms to import)
+    import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("spawn")
+    forkable = sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules
+    context = multiprocessing.get_context("fork" if forkable else "spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque = deque()
         items = iter(items)

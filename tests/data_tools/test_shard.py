@@ -6,6 +6,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -305,6 +307,12 @@ def test_output_bytes_do_not_depend_on_worker_count(tmp_path):
     manifest = mf.load_manifest(tmp_path / "w1")
     assert manifest["input_records"] == 44 and manifest["total_samples"] == 40
     assert manifest["skipped_by_reason"] == {"missing_image": 4} and manifest["blank_lines"] == 3
+    # The command line (one thread, no torch) forks its workers: the same bytes again.
+    result = subprocess.run([sys.executable, "-m", "data_tools.shard", *cli(jsonl, images, tmp_path / "cli", "--samples-per-shard",
+                                                                           "7", "--workers", "2")],
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(tmp_path / "cli") == {**one, mf.MANIFEST_NAME: folder_bytes(tmp_path / "cli")[mf.MANIFEST_NAME]}
 
 
 def test_max_shard_bytes_starts_new_shards_before_the_limit(tmp_path):
