@@ -59,6 +59,22 @@ def synth_shards(tmp_path_factory):
     return folders
 
 
+@pytest.fixture
+def launch_env():
+    """A fresh single-process launch in this process: launcher variables cleared, the environment as it was and
+    the process group torn down after. (The real `os.environ`, not a dict copy: compiled code reads variables
+    with getenv.)"""
+    from vlm.train import distributed
+
+    saved = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
+        os.environ.pop(key, None)
+    yield
+    distributed.destroy_distributed()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

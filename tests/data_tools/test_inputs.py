@@ -262,20 +262,6 @@ def test_make_shard_data_takes_minimind_v_file_names_as_published(tmp_path):
         assert (manifest["source"]["format"], manifest["total_samples"]) == (fmt, 3)
 
 
-@pytest.fixture
-def launch_env():
-    """One in-process single-rank launch: launcher variables cleared, the environment restored after."""
-    from vlm.train import distributed
-
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
-        os.environ.pop(key, None)
-    yield
-    distributed.destroy_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_parquet_and_llava_shards_train_together_through_the_real_trainer(tmp_path, launch_env):
     """Each sample of both corpora is trained once in the epoch (the sample audit names every key once)."""
     from vlm.train.cli import main

@@ -4,29 +4,14 @@ real run logging them next to their references at every evaluation."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from tests.data.shard_fixtures import write_shards
 from tests.tiny_vlm import picture, save_tiny_vlm
 from vlm.inference import GenerationSettings, load_model
-from vlm.train import distributed
 from vlm.train.cli import main
 from vlm.train.eval_answers import greedy_reply
-
-
-@pytest.fixture
-def launch_env():
-    """A fresh single-process launch: launcher variables cleared, the environment restored and the group torn
-    down after (as tests/train/test_run_life.py)."""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
-        os.environ.pop(key, None)
-    yield
-    distributed.destroy_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_greedy_reply_is_the_inference_answer(tiny_vision_dir, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import sys
 import types
@@ -19,7 +18,7 @@ from tests.data.shard_fixtures import write_shards
 from tests.launching import REPO
 from vlm.config import ConfigError, TrainConfig, config_problems, load_config
 from vlm.data.plan import Geometry
-from vlm.train import distributed, monitor, preflight
+from vlm.train import monitor, preflight
 from vlm.train.checkpoint import checkpoint_root, tag_for
 from vlm.train.cli import main
 from vlm.train.ds_config import build_ds_config
@@ -27,19 +26,6 @@ from vlm.train.ds_config import build_ds_config
 DEBUG = str(REPO / "launch" / "configs" / "debug.yaml")
 TINY_SHARDS = REPO / "tests" / "fixtures" / "tiny_shards"  # 6 samples in 2 shards
 SINGLE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-
-
-@pytest.fixture
-def launch_env():
-    """A single-process launch in this process (as tests/train/test_run_life.py's): launcher variables
-    cleared, the environment restored and the process group torn down after."""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
-        os.environ.pop(key, None)
-    yield
-    distributed.destroy_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.data.shard_fixtures import write_shards
-from vlm.train import distributed
 from vlm.train.cli import main
 from vlm.train.schedule import lr_factor
 
 PEAK = 1e-3
-
-
-@pytest.fixture
-def launch_env():
-    """A fresh single-process launch per test: launcher variables cleared, the environment as it was and the
-    group torn down after. (The real `os.environ`, not a dict copy: compiled code reads variables with getenv.)"""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
-        os.environ.pop(key, None)
-    yield
-    distributed.destroy_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
