@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
+
+from tests.apt import apt_get_install
 
 PACKAGES = ("chromium", "chromium-driver")
 BROWSERS = ("chromium", "chromium-browser")
@@ -44,17 +45,9 @@ def install_packages() -> str | None:
     """apt-get Chromium and its driver when missing. Returns None when ready, else why not."""
     if browser_path() and driver_path():
         return missing()
-    if os.geteuid() != 0:
-        return f"Chromium or chromedriver is missing and installing {PACKAGES} needs root"
-    if shutil.which("apt-get") is None:
-        return f"Chromium or chromedriver is missing and there is no apt-get to install {PACKAGES}"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    steps = (["apt-get", "update", "-q"],
-             ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES])
-    for cmd in steps:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            return f"`{' '.join(cmd)}` failed ({result.returncode}): {(result.stdout + result.stderr)[-800:]}"
+    problem = apt_get_install(PACKAGES, "Chromium or chromedriver")
+    if problem:
+        return problem
     return missing()
 
 

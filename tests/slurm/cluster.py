@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.apt import apt_get_install
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
@@ -47,17 +49,9 @@ def install_packages() -> str | None:
     """apt-get the SLURM packages when a binary is missing. Returns None when ready, else why not."""
     if not missing_binaries():
         return None
-    if os.geteuid() != 0:
-        return f"SLURM binaries {missing_binaries()} are missing and installing {PACKAGES} needs root"
-    if which("apt-get") is None:
-        return f"SLURM binaries {missing_binaries()} are missing and there is no apt-get to install {PACKAGES}"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    steps = (["apt-get", "update", "-q"],
-             ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES])
-    for cmd in steps:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            return f"`{' '.join(cmd)}` failed ({result.returncode}): {(result.stdout + result.stderr)[-800:]}"
+    problem = apt_get_install(PACKAGES, f"SLURM binaries {missing_binaries()}", timeout=600)
+    if problem:
+        return problem
     return None if not missing_binaries() else f"still missing after apt-get: {missing_binaries()}"
 
 
