@@ -38,6 +38,8 @@ PARQUET_MAGIC = b"PAR1"
 PARQUET_COLUMNS = ("conversations", "image_bytes")
 PARQUET_BATCH_ROWS = 256
 _CHUNK = 1 << 20
+_NUMBER_GOES_ON = frozenset("0123456789.eE+-")
+_TOKEN_MARGIN = 64  # characters before a chunk's end where a parse error may be the cut (a number, an escape)
 
 
 class InputError(ValueError):
@@ -212,11 +214,17 @@ def _json_array(path: str, done: int, position: int) -> Iterator[tuple[int, int,
                 try:
                     element, end = decoder.raw_decode(text, at)
                 except json.JSONDecodeError as e:
-                    if eof:
+                    # An element cut by the chunk's end fails near that end (an unfinished string names where it
+                    # started); an error well before the end is the file's own, reported without reading further.
+                    cut = e.pos >= len(text) - _TOKEN_MARGIN or e.msg.startswith("Unterminated string")
+                    if eof or not cut:
                         raise broken(e.msg) from None
                     more()
                     continue
-                if end < len(text) or eof:  # a number could go on in the next chunk: see what follows
+                # A number could go on in the next chunk ("0." + "5"): decide only on the text after it.
+                if eof or end < len(text) and text[end] not in _NUMBER_GOES_ON:
+                    break
+                if end < len(text) - _TOKEN_MARGIN:
                     break
                 more()
             position += len(text[at:end].encode("utf-8"))

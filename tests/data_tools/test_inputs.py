@@ -286,3 +286,30 @@ def test_parquet_and_llava_shards_train_together_through_the_real_trainer(tmp_pa
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 6 and all(loss == loss for loss in losses)
+
+
+def test_a_json_array_reads_the_same_whatever_its_chunk_boundaries(tmp_path, monkeypatch):
+    """Numbers, escapes and multi-byte characters cut by a read's end ("0." + "5") are read whole."""
+    elements = [{"a": 1}, 0.5, -1e+20, "é漢😀 \\u00e9", {"k": [123456789, 1.25, None, True]}, "x\"y", 7]
+    path = tmp_path / "a.json"
+    path.write_text("\ufeff [ " + " ,\n".join(json.dumps(e, ensure_ascii=False) for e in elements) + " ]\n",
+                    encoding="utf-8")
+    for chunk in range(1, 48):
+        monkeypatch.setattr(inputs, "_CHUNK", chunk)
+        got = list(inputs.read_records(str(path), "json"))
+        assert [e for _, _, e in got] == elements, chunk
+        for number, position, _ in got:  # a resume from any saved position reads exactly the rest
+            assert [e for _, _, e in inputs.read_records(str(path), "json", number, position)] == elements[number:]
+
+
+def test_a_json_array_broken_early_fails_without_reading_the_rest(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "broken.json"
+    path.write_text('[{"a": 1}, {"b" 2}, ' + ", ".join(['{"pad": "' + "x" * 1000 + '"}'] * 20000) + "]")
+    tracemalloc.start()
+    with pytest.raises(inputs.InputError, match="breaks off after element 1"):
+        list(inputs.read_records(str(path), "json"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20  # a 20 MB file: one 1 MiB chunk or two, never the whole file

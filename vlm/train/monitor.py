@@ -112,7 +112,7 @@ class CsvMonitor:
         same_step = self.last is not None and self.last["step"] == row["step"]
         if same_step:
             row = {**self.last, **{k: v for k, v in row.items() if v != "" or k not in self.last}}
-        if any(k not in self.columns for k in row):
+        if any(k not in self.columns for k in row) or not self.path.is_file():  # a new file starts with its header
             self.columns = _union(self.columns, list(row))
             self._rewrite(self._rows()[:-1] + [row] if same_step else self._rows() + [row])
             return
