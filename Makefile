@@ -50,6 +50,7 @@ bench: install ## Run every benchmark (prints tables; minutes; not part of the t
 	OMP_NUM_THREADS=2 $(PY) tests/bench/loader_bench.py
 	$(PY) tests/bench/train_bench.py
 	$(PY) tests/bench/plan_bench.py
+	$(PY) tests/bench/remote_bench.py
 
 gpu-bench-dry-run: install ## The GPU benchmark's every path on the CPU at tiny sizes (~2 min; tests/bench/README.md)
 	$(PY) tests/bench/gpu_bench.py --dry-run

@@ -150,7 +150,8 @@ def architecture_problems(a: dict[str, Any], prefix: str = "") -> list[str]:
 class DataConfig:
     """The `data` section: training and eval sources and the pipeline that reads them."""
 
-    train_shards: list[str] = _f([], "Training sources: shard folders with manifest.json, brace patterns, URLs, pipe:.")
+    train_shards: list[str] = _f([], "Training sources: shard folders with manifest.json (local, or at an "
+                                  "https:// or s3:// URL), brace patterns, .tar URLs, pipe:.")
     train_weights: list[float] | None = _f(None, "Mixing weights, one per training source; null = by size.")
     eval_shards: list[str] = _f([], "Held-out sources for evaluation loss.")
     max_seq_len: int = _f(640, "Truncation length in tokens (the seed's --max_seq_len).")
@@ -162,6 +163,12 @@ class DataConfig:
     max_pixels: int = _f(DEFAULT_MAX_PIXELS, "Images above this many pixels are skipped (decompression bombs); the "
                           "sharder's --max-pixels, eval's and chat's --max_pixels share this default.")
     log_samples: bool = _f(False, "Audit mode: write the keys each rank consumed to out_dir/samples/.")
+    remote_timeout_s: float = _f(30.0, "Shard folders at https:// or s3:// URLs: seconds a request may wait "
+                                        "to connect or for more bytes.")
+    remote_retries: int = _f(6, "Shard folders at URLs: tries after a failed request (dropped, timed out, 5xx) "
+                                "before the sample is skipped and counted as remote_read_failed.")
+    remote_backoff_s: float = _f(0.5, "Shard folders at URLs: first wait before a retry; each further wait doubles "
+                                      "(at most 30 s), times a random 0.5-1 (jitter).")
 
 
 @dataclass

@@ -61,6 +61,7 @@ from vlm.data import plan
 from vlm.data.collate import Collator
 from vlm.data.order import EpochOrder
 from vlm.data.reader import ShardReader, resampled_stream
+from vlm.data.remote import RemoteSettings
 from vlm.data.sources import SourceError, SourceSet, resolve_sources
 from vlm.data.stages import SampleFormat
 from vlm.formats.errors import BadSample
@@ -91,6 +92,7 @@ class LoaderSettings:
     pin_memory: bool = False
     prefetch_factor: int = 2
     min_seen: int = 100
+    remote: RemoteSettings | None = None  # timeout and retries for shard folders at URLs (None: defaults)
 
     @classmethod
     def from_config(cls, cfg: Any, world_size: int, rank: int, pin_memory: bool = False) -> LoaderSettings:
@@ -98,7 +100,8 @@ class LoaderSettings:
         d, t = cfg.data, cfg.train
         return cls(t.batch_size, t.accumulation_steps, world_size, rank, d.num_workers, t.seed, d.chunk_size,
                    d.max_bad_fraction, d.samples_per_epoch,
-                   tuple(d.train_weights) if d.train_weights is not None else None, pin_memory)
+                   tuple(d.train_weights) if d.train_weights is not None else None, pin_memory,
+                   remote=RemoteSettings.from_config(d))
 
     @property
     def geometry(self) -> plan.Geometry:
@@ -329,7 +332,8 @@ class TrainLoader(_Loader):
 
     def __init__(self, sources: Sequence[str] | SourceSet, fmt: SampleFormat, settings: LoaderSettings):
         self.settings = settings
-        self.sources = sources if isinstance(sources, SourceSet) else resolve_sources(sources, settings.weights)
+        self.sources = (sources if isinstance(sources, SourceSet)
+                        else resolve_sources(sources, settings.weights, remote=settings.remote))
         self.geometry = settings.geometry
         if not 0 <= settings.rank < settings.world_size:
             raise ValueError(f"rank {settings.rank} is outside world size {settings.world_size}")
@@ -339,7 +343,7 @@ class TrainLoader(_Loader):
                 raise SourceError("data.samples_per_epoch is only for sources without a manifest (resampled mode); "
                                   "these shard folders have manifests, which fix the epoch length: remove it")
             self.num_samples = plan.epoch_size(self.sources.shard_counts, self.sources.weights)
-            reader = ShardReader(self.sources.shards)
+            reader = ShardReader(self.sources.shards, remote=settings.remote)
         else:
             if not settings.samples_per_epoch or settings.samples_per_epoch < 1:
                 specs = [s.spec for s in self.sources.sources if not s.exact]
@@ -436,13 +440,13 @@ class EvalLoader(_Loader):
 
     def __init__(self, sources: Sequence[str], fmt: SampleFormat, settings: LoaderSettings):
         self.settings = settings
-        self.sources = resolve_sources(sources, label="data.eval_shards")
+        self.sources = resolve_sources(sources, label="data.eval_shards", remote=settings.remote)
         if not self.sources.exact:
             raise SourceError("data.eval_shards must be shard folders with manifest.json (made by data_tools.shard)")
         if not 0 <= settings.rank < settings.world_size or settings.batch_size < 1:
             raise ValueError(f"invalid eval geometry: rank {settings.rank}, world size {settings.world_size}, "
                              f"batch size {settings.batch_size}")
-        reader = ShardReader(self.sources.shards)
+        reader = ShardReader(self.sources.shards, remote=settings.remote)
         self.num_samples = len(reader)
         self.stages = fmt.stages(reader)
         self.collate = fmt.collator()

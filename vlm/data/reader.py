@@ -11,13 +11,20 @@ limit from the header before decoding. Every other member (`.pyd`, `.pickle`, `.
 ignored: nothing here unpickles, and webdataset's own decoders (which do) are never used. Streams without a
 manifest go through webdataset only to iterate and group tar members (`iter_stream`), then the same decoder.
 
+Remote shards. A shard folder at an `https://` or `s3://` URL (`vlm.data.sources`) is read the same way, through
+`vlm.data.remote`: a shard's index is fetched whole on first use (and checked against the manifest's
+`index_sha256`), then each sample by one ranged GET of its bytes. A read that still fails after the last retry
+is a `BadSample("remote_read_failed")`: skipped and counted like any bad sample, under data.max_bad_fraction.
+
 Failures that concern one sample (a corrupt tar member group, broken JSON, misnumbered images) raise
 `BadSample`, so the pipeline skips and counts them; a missing or inconsistent index is a broken shard folder
-and raises `ManifestError`.
+and raises `ManifestError`. Indexes are cached per process, at most `max_indexes` of them (least recently
+used out first), so a worker's memory does not grow with the number of shards it has touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from vlm.data.remote import RemoteError, RemoteSettings, RemoteStore, is_remote
 from vlm.data.sources import ShardInfo
 from vlm.formats.constants import IMAGE_EXTENSIONS
 from vlm.formats.errors import BadSample
-from vlm.formats.manifest import ManifestError, load_index
+from vlm.formats.manifest import ManifestError, parse_index
 
 
 def split_tar_members(data: bytes, where: str) -> dict[str, bytes]:
@@ -55,23 +63,27 @@ def split_tar_members(data: bytes, where: str) -> dict[str, bytes]:
 class ShardReader:
     """Picklable: global sample id -> (key, {suffix: bytes}) for the shards of manifest sources.
 
-    Ids number the samples of `shards` in order. Indexes load on first use and file handles stay open
-    (at most `max_open`), so a worker touches only the shards of its own chunks.
+    Ids number the samples of `shards` in order. Indexes load on first use (at most `max_indexes` kept) and
+    file handles stay open (at most `max_open`), so a worker touches only the shards of its own chunks.
+    Shards at URLs are read through a `RemoteStore` with `remote`'s timeout and retries.
     """
 
-    def __init__(self, shards: Sequence[ShardInfo], max_open: int = 16):
+    def __init__(self, shards: Sequence[ShardInfo], max_open: int = 16, max_indexes: int = 64,
+                 remote: RemoteSettings | None = None):
         self.shards = tuple(shards)
-        self.max_open = max_open
+        self.max_open, self.max_indexes, self.remote = max_open, max(1, max_indexes), remote
         self._first = np.cumsum([0] + [s.samples for s in self.shards])
-        self._indexes: dict[int, dict] = {}
+        self._indexes: OrderedDict[int, dict] = OrderedDict()
         self._files: OrderedDict[int, int] = OrderedDict()
+        self._store = RemoteStore(remote) if any(is_remote(s.path) for s in self.shards) else None
 
     def __getstate__(self) -> dict:
-        # Open descriptors and loaded indexes stay in the process that made them.
-        return {"shards": self.shards, "max_open": self.max_open}
+        # Open descriptors, connections and loaded indexes stay in the process that made them.
+        return {"shards": self.shards, "max_open": self.max_open, "max_indexes": self.max_indexes,
+                "remote": self.remote}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["shards"], state["max_open"])
+        self.__init__(state["shards"], state["max_open"], state["max_indexes"], state["remote"])
 
     def __len__(self) -> int:
         return int(self._first[-1])
@@ -86,19 +98,25 @@ class ShardReader:
     def key(self, sample_id: int) -> str:
         """The key of sample `sample_id`, from its shard's index (the tar is not read).
 
-        Raises IndexError for an id out of range and ManifestError for an index that disagrees with
-        the manifest.
+        Raises IndexError for an id out of range, ManifestError for an index that disagrees with the manifest,
+        and BadSample("remote_read_failed") for a remote index that could not be fetched.
         """
         shard, i = self.locate(sample_id)
         return self._index(shard)["keys"][i]
 
     def read(self, sample_id: int) -> tuple[str, dict[str, bytes]]:
-        """(key, {suffix: bytes}): seek to the sample's offset and read only its member group."""
+        """(key, {suffix: bytes}): read only the sample's member group (a seek, or one ranged GET)."""
         shard, i = self.locate(sample_id)
         index = self._index(shard)
         key, offset, size = index["keys"][i], index["offsets"][i], index["sizes"][i]
         where = f"{self.shards[shard].name}@{offset} ({key})"
-        data = os.pread(self._fd(shard), size, offset)
+        if self._store is not None and is_remote(self.shards[shard].path):
+            try:
+                data = self._store.get_range(self.shards[shard].path, offset, size)
+            except RemoteError as err:
+                raise BadSample("remote_read_failed", f"{where}: {err}") from None
+        else:
+            data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
             raise BadSample("tar_corrupt", f"{where}: {size} bytes wanted, the file ends after {len(data)}")
         members = {}
@@ -109,16 +127,42 @@ class ShardReader:
             members[suffix] = value
         return key, members
 
+    def cached_indexes(self) -> int:
+        """Shard indexes held in memory by this process (at most `max_indexes`)."""
+        return len(self._indexes)
+
     def _index(self, shard: int) -> dict:
         index = self._indexes.get(shard)
-        if index is None:
-            info = self.shards[shard]
-            index = load_index(info.index_path)
-            if len(index["keys"]) != info.samples:
-                raise ManifestError(f"{info.index_path} lists {len(index['keys'])} samples, the manifest says "
-                                    f"{info.samples}; check the folder with `python -m data_tools.verify`")
-            self._indexes[shard] = index
+        if index is not None:
+            self._indexes.move_to_end(shard)
+            return index
+        info = self.shards[shard]
+        index = parse_index(self._index_bytes(info), info.index_path)
+        if len(index["keys"]) != info.samples:
+            raise ManifestError(f"{info.index_path} lists {len(index['keys'])} samples, the manifest says "
+                                f"{info.samples}; check the folder with `python -m data_tools.verify`")
+        if len(self._indexes) >= self.max_indexes:
+            self._indexes.popitem(last=False)
+        self._indexes[shard] = index
         return index
+
+    def _index_bytes(self, info: ShardInfo) -> bytes:
+        """The index file's bytes, checked against the manifest's index_sha256 when it lists one."""
+        if self._store is not None and is_remote(info.index_path):
+            try:
+                data = self._store.get(info.index_path)
+            except RemoteError as err:  # not cached: the next sample of this shard tries again
+                raise BadSample("remote_read_failed", f"index of {info.name}: {err}") from None
+        else:
+            try:
+                with open(info.index_path, "rb") as f:
+                    data = f.read()
+            except OSError as err:
+                raise ManifestError(f"cannot read index {info.index_path}: {err}") from err
+        if info.index_sha256 and hashlib.sha256(data).hexdigest() != info.index_sha256:
+            raise ManifestError(f"{info.index_path}: its sha256 differs from the manifest's index_sha256; check "
+                                "the folder with `python -m data_tools.verify`")
+        return data
 
     def _fd(self, shard: int) -> int:
         fd = self._files.get(shard)
@@ -131,9 +175,11 @@ class ShardReader:
         return fd
 
     def close(self) -> None:
-        """Close every open shard file; a later read opens them again."""
+        """Close every open shard file and connection; a later read opens them again."""
         while self._files:
             os.close(self._files.popitem()[1])
+        if self._store is not None:
+            self._store.close()
 
 
 def decode_members(key: str, members: dict[str, bytes]) -> dict[str, Any]:

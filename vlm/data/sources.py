@@ -7,9 +7,16 @@
 A source string is one of:
 - a folder holding `manifest.json` (made by `python -m data_tools.shard`): sample counts and byte offsets
   are known, so epochs are planned exactly (every sample once, seekable reads; see `vlm.data.plan`);
+- the same folder in object storage, `https://host/path/sft` or `s3://bucket/prefix/sft` (a URL without a
+  brace pattern that does not end in .tar): its `manifest.json` is fetched from there, and the reader fetches
+  each shard's index on first use and each sample by a ranged GET (`vlm.data.remote`, `vlm.data.reader`);
 - a brace pattern or path of local tar files (`data/shards/x/x-{000000..000009}.tar`), an `http(s)://`
-  URL (pattern) or a `pipe:` command, as webdataset understands them: no counts are known, so the run uses
-  the resampled mode (see `vlm.data.pipeline`): shards drawn at random, `data.samples_per_epoch` required.
+  URL pattern or .tar URL, or a `pipe:` command, as webdataset understands them: no counts are known, so the
+  run uses the resampled mode (see `vlm.data.pipeline`): shards drawn at random, `data.samples_per_epoch`.
+
+Scale. Opening sources reads each `manifest.json` only (per-shard counts and sizes: O(shards)); the
+per-sample offsets stay in the shards' index files, which only the reader of a shard loads. Local shard
+and index files are checked to exist (a stat each); remote ones are not probed (a request per shard).
 
 Weights. With manifests, a source's weight multiplies its samples per epoch: 1 = each sample once,
 0.5 = a fresh random half each epoch, 2 = every sample twice; the mixed epoch is then chunk-shuffled as one.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +35,10 @@ from pathlib import Path
 import numpy as np
 from webdataset.shardlists import expand_urls
 
-from vlm.formats.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from vlm.data.remote import RemoteError, RemoteSettings, RemoteStore, is_remote, join_url, require_s3_client
+from vlm.formats.manifest import MANIFEST_NAME, ManifestError, load_manifest, parse_manifest
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # what data_tools.shard writes: {prefix}-{n:06d}.tar
 _STREAM_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
 
 
@@ -45,6 +55,7 @@ class ShardInfo:
     samples: int
     name: str
     sha256: str
+    index_sha256: str = ""  # checked when the index is loaded; "" = not checked
 
 
 @dataclass(frozen=True)
@@ -116,9 +127,19 @@ class SourceSet:
         return urls, p / p.sum()
 
 
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_remote_folder(spec: str) -> bool:
+    """True for a shard folder in object storage: an http(s):// or s3:// URL, not a pattern nor a .tar."""
+    return is_remote(spec) and "{" not in spec and not spec.rstrip("/").endswith(_TAR_SUFFIXES)
+
+
 def is_stream(spec: str) -> bool:
-    """True for sources read through webdataset without a manifest: URLs, pipe:, brace patterns, tar paths."""
-    return spec.startswith(_STREAM_SCHEMES) or "{" in spec or spec.endswith((".tar", ".tar.gz", ".tgz"))
+    """True for sources read through webdataset without a manifest: pipe:, brace patterns, tar paths and URLs."""
+    if is_remote_folder(spec):
+        return False
+    return spec.startswith(_STREAM_SCHEMES) or "{" in spec or spec.endswith(_TAR_SUFFIXES)
 
 
 def open_manifest_source(spec: str, weight: float = 1.0) -> Source:
@@ -133,15 +154,54 @@ def open_manifest_source(spec: str, weight: float = 1.0) -> Source:
         manifest = load_manifest(folder)
     except ManifestError as err:
         raise SourceError(f"{spec}: {err}") from err
-    shards = tuple(
-        ShardInfo(os.path.abspath(folder / e["name"]), os.path.abspath(folder / e["index"]), int(e["samples"]),
-                  e["name"], e["sha256"])
-        for e in manifest["shards"] if e["samples"] > 0
-    )
+    shards = _shard_infos(spec, manifest, lambda name: os.path.abspath(folder / name))
     missing = [s.name for s in shards if not os.path.isfile(s.path) or not os.path.isfile(s.index_path)]
     if missing:
         raise SourceError(f"{spec}: shard or index files listed in {MANIFEST_NAME} are missing: {missing[:5]}; "
                           f"check the folder with `python -m data_tools.verify {spec}`")
+    return _source(spec, weight, manifest, shards)
+
+
+def open_remote_source(spec: str, weight: float = 1.0, store: RemoteStore | None = None) -> Source:
+    """A shard folder at an http(s):// or s3:// URL: only its manifest.json is fetched (the shards and their
+    indexes are read later, by the workers that need them). Raises SourceError naming the URL."""
+    url = join_url(spec, MANIFEST_NAME)
+    try:
+        if spec.startswith("s3://"):
+            require_s3_client()
+    except RemoteError as err:
+        raise SourceError(f"{spec}: {err}") from None
+    try:
+        data = (store or RemoteStore()).get(url)
+    except RemoteError as err:
+        raise SourceError(f"{spec}: cannot fetch its {MANIFEST_NAME}: {err}. A shard folder in object storage "
+                          f"needs the {MANIFEST_NAME} made by data_tools.shard next to its shards; to stream tar "
+                          "files without one, give a brace pattern (URL/name-{000000..000009}.tar) together with "
+                          "data.samples_per_epoch") from None
+    try:
+        manifest = parse_manifest(data, url)
+    except ManifestError as err:
+        raise SourceError(str(err)) from None
+    return _source(spec, weight, manifest, _shard_infos(spec, manifest, lambda name: join_url(spec, name)))
+
+
+def _shard_infos(spec: str, manifest: dict, locate) -> tuple[ShardInfo, ...]:
+    """The manifest's shards with samples, `locate(name)` giving where a file of the folder is. The names come
+    from the manifest, so they must be plain file names: a path or URL there could point outside the folder."""
+    infos = []
+    for e in manifest["shards"]:
+        bad = [n for n in (e["name"], e["index"]) if not isinstance(n, str) or not _PLAIN_NAME.fullmatch(n)]
+        if bad or type(e["samples"]) is not int or e["samples"] < 0:
+            raise SourceError(f"{spec}: {MANIFEST_NAME} lists a shard with name {e['name']!r}, index "
+                              f"{e['index']!r} and samples {e['samples']!r}: names must be plain file names "
+                              "and samples a count")
+        if e["samples"] > 0:
+            infos.append(ShardInfo(locate(e["name"]), locate(e["index"]), e["samples"], e["name"], str(e["sha256"]),
+                                   str(e.get("index_sha256") or "")))
+    return tuple(infos)
+
+
+def _source(spec: str, weight: float, manifest: dict, shards: tuple[ShardInfo, ...]) -> Source:
     if not shards:
         raise SourceError(f"{spec}: the manifest lists no samples")
     prefix = manifest.get("args", {}).get("prefix") if isinstance(manifest.get("args"), dict) else None
@@ -161,8 +221,9 @@ def open_stream_source(spec: str, weight: float = 1.0) -> Source:
 
 
 def resolve_sources(specs: Sequence[str], weights: Sequence[float] | None = None,
-                    label: str = "data.train_shards") -> SourceSet:
-    """Open every source. `weights` None means 1.0 each (every sample once per epoch)."""
+                    label: str = "data.train_shards", remote: RemoteSettings | None = None) -> SourceSet:
+    """Open every source. `weights` None means 1.0 each (every sample once per epoch); `remote` sets the
+    timeout and retries of fetching the manifests of folders in object storage."""
     if not specs:
         raise SourceError(f"{label} is empty: give shard folders made by `python -m data_tools.shard`")
     weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
@@ -171,10 +232,13 @@ def resolve_sources(specs: Sequence[str], weights: Sequence[float] | None = None
     bad = [w for w in weights if not (w > 0 and np.isfinite(w))]
     if bad:
         raise SourceError(f"data.train_weights must be positive numbers, got {bad}")
-    sources = []
+    sources, store = [], None
     for spec, weight in zip(specs, weights):
         spec = str(spec)
-        if is_stream(spec):
+        if is_remote_folder(spec):
+            store = store or RemoteStore(remote)
+            sources.append(open_remote_source(spec, weight, store))
+        elif is_stream(spec):
             sources.append(open_stream_source(spec, weight))
         elif os.path.isdir(spec):
             sources.append(open_manifest_source(spec, weight))

@@ -31,6 +31,10 @@ parquet), sha256, bytes, images}, `input_records`, `blank_lines`, `placeholder_i
 [{line, reason, detail}], `skipped_by_reason` {reason: count}.
 Invariant: `input_records == total_samples + len(skipped)` and `total_samples == sum(shard samples)`.
 Blank (whitespace-only) lines are not records: they are counted in `blank_lines` only.
+
+`load_manifest` / `load_index` read a local folder; `parse_manifest` / `parse_index` check the same bytes
+fetched from anywhere else (`vlm.data.remote` fetches them from https:// and s3:// folders), so a manifest or
+index read from a URL is held to the same contract. Both are parsed as JSON only: they are data.
 """
 
 from __future__ import annotations
@@ -152,29 +156,50 @@ def load_manifest(outdir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in {outdir}: make the shards with "
                             "`python -m data_tools.shard --jsonl FILE --images DIR --out DIR`")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """Check the bytes of a manifest read from `where` (a path or URL) and return it; raises ManifestError.
+
+    Only JSON is parsed: the manifest is data, whoever serves it.
+    """
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+        raise ManifestError(f"{where} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
-        raise ManifestError(f"{path} does not hold a JSON object")
+        raise ManifestError(f"{where} does not hold a JSON object")
     problems = check_manifest(manifest)
     if problems:
-        raise ManifestError(f"{path}: " + "; ".join(problems))
+        raise ManifestError(f"{where}: " + "; ".join(problems))
     return manifest
 
 
 def load_index(path: str | os.PathLike) -> dict:
     """Read a `{shard}.idx.json` and check its three lists line up; raises ManifestError."""
     try:
-        index = json.loads(Path(path).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = Path(path).read_bytes()
+    except OSError as e:
         raise ManifestError(f"cannot read index {path}: {e}") from e
+    return parse_index(data, str(path))
+
+
+def parse_index(data: bytes, where: str) -> dict:
+    """Check the bytes of a shard's index read from `where` (a path or URL): three lists of one length, keys
+    strings, offsets and sizes non-negative integers. Raises ManifestError."""
+    try:
+        index = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"cannot read index {where}: {e}") from e
     if not isinstance(index, dict) or not all(isinstance(index.get(k), list)
                                               for k in ("keys", "offsets", "sizes")):
-        raise ManifestError(f"index {path} must hold lists 'keys', 'offsets' and 'sizes'")
+        raise ManifestError(f"index {where} must hold lists 'keys', 'offsets' and 'sizes'")
     if not len(index["keys"]) == len(index["offsets"]) == len(index["sizes"]):
-        raise ManifestError(f"index {path}: keys, offsets and sizes differ in length")
+        raise ManifestError(f"index {where}: keys, offsets and sizes differ in length")
+    if not all(isinstance(k, str) for k in index["keys"]) or not all(
+            type(n) is int and n >= 0 for n in index["offsets"] + index["sizes"]):
+        raise ManifestError(f"index {where}: keys must be strings, offsets and sizes non-negative integers")
     return index
 
 

@@ -8,6 +8,8 @@ Checks, each reported as ok / warning / PROBLEM:
             torchrun, SLURM, Open MPI) are consistent; MASTER_ADDR resolves; LOCAL_RANK has a GPU
   batch     global batch = batch_size x accumulation_steps x world size; the data gives at least one
             optimizer step; max_steps reachable; DataLoader workers and shards against ranks
+  data      the training sources open: each manifest.json is read (fetched, for a folder at an https:// or
+            s3:// URL, with data.remote_*), never the shards' index files, which only the workers load
   cpus      this process may run on data.num_workers + 1 CPUs (its affinity: srun --cpus-per-task, taskset)
   compile   with train.compile, a C++ compiler for torch.compile
   monitors  the package of each configured metrics monitor (train.monitors, train.wandb_project) is installed
@@ -36,6 +38,7 @@ import torch
 from vlm.build import build, configured_vision_folder, model_config
 from vlm.config import BUILTIN_TINY_VISION, Config, ConfigError, config_problems
 from vlm.data import plan
+from vlm.data.remote import RemoteSettings, is_remote
 from vlm.data.sources import SourceError, resolve_sources
 from vlm.model.vision_encoder import (
     VisionEncoderError,
@@ -156,10 +159,14 @@ def check_batch(cfg: Config, world_size: int, report: Report) -> None:
     """Batch arithmetic against the data: steps per epoch, dropped tail, workers and shards per rank."""
     t, d = cfg.train, cfg.data
     try:
-        sources = resolve_sources(d.train_shards, d.train_weights)
-    except SourceError as err:
+        sources = resolve_sources(d.train_shards, d.train_weights, remote=_remote_settings(cfg))
+    except (SourceError, ValueError) as err:  # ValueError: a data.remote_* value out of range
         report.add(PROBLEM, "data", str(err))
         return
+    remote = [s.spec for s in sources.sources if s.exact and is_remote(s.spec)]
+    if remote:
+        report.add(OK, "data", f"{', '.join(remote)}: manifest fetched; each worker fetches the index of a shard it "
+                               "reads and each sample by a ranged GET (shard sha256 not checked on ranges)")
     try:
         geometry = plan.Geometry(world_size, d.num_workers, t.batch_size, t.accumulation_steps)
     except ValueError:
@@ -197,6 +204,11 @@ def check_batch(cfg: Config, world_size: int, report: Report) -> None:
         if len(urls) < readers:
             report.add(WARNING, "data", f"{len(urls)} shard(s) for {readers} readers ({world_size} ranks x "
                                         f"{geometry.slots} workers): readers draw the same shards")
+
+
+def _remote_settings(cfg: Config) -> RemoteSettings:
+    """Timeout and retries for shard folders at URLs (data.remote_*); ValueError names a value out of range."""
+    return RemoteSettings.from_config(cfg.data)
 
 
 def usable_cpus() -> int:
@@ -277,8 +289,8 @@ def check_files(cfg: Config, report: Report) -> bool:
         report.add(PROBLEM, "files", problem)
     if cfg.data.eval_shards:
         try:
-            resolve_sources(cfg.data.eval_shards, label="data.eval_shards")
-        except SourceError as err:
+            resolve_sources(cfg.data.eval_shards, label="data.eval_shards", remote=_remote_settings(cfg))
+        except (SourceError, ValueError) as err:
             report.add(PROBLEM, "files", str(err))
     ok = len(report.of(PROBLEM)) == before
     if ok:
