@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from vlm.data.sources import SourceError, resolve_sources
 from vlm.formats import manifest as mf
 from vlm.formats.errors import BadSample
 from vlm.tokenizer import load_tokenizer
-from vlm.train import distributed
 from vlm.train.cli import main
 from vlm.train.preflight import OK, PROBLEM, Report, check_batch
 
@@ -42,18 +40,6 @@ def local(root) -> list:
     """Every sample as read from the local folder: what a remote read must give."""
     reader = ShardReader(resolve_sources([str(root / BUCKET / "sft")]).shards)
     return [reader.read(i) for i in range(len(reader))]
-
-
-@pytest.fixture
-def launch_env():
-    """A fresh single-process launch per test, as in tests/train/test_run_life.py."""
-    saved = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLM_LAUNCHER"):
-        os.environ.pop(key, None)
-    yield
-    distributed.destroy_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture
