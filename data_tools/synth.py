@@ -1,28 +1,37 @@
 """The built-in synthetic picture corpus: MiniMind-V's data layout filled with pictures of coloured shapes.
 
-    python -m data_tools.synth --out dataset [--pretrain 2000] [--sft 1000] [--eval 200] [--seed 0] [--lang en|zh]
+    python -m data_tools.synth --out dataset [--pretrain 2000] [--sft 1000] [--eval 200] [--eval_sft 612] \
+        [--seed 0] [--lang en|zh] [--workers 2]
 
 Writes `pretrain_data.jsonl` + `pretrain_images/`, `sft_data.jsonl` + `sft_images/` and the held-out
-`eval_data.jsonl` + `eval_images/`, plus `synth_info.json` (the arguments; it marks the folder as ours so
-a re-run may replace it). Records follow MiniMind-V:
+`eval_data.jsonl` + `eval_images/` and `eval_sft_data.jsonl` + `eval_sft_images/`, plus `synth_info.json`
+(the arguments; it marks the folder as ours so a re-run may replace it). Records follow MiniMind-V:
 `{"conversations": [{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", "content": "..."}],
 "image": "a.jpg"}`; two-image records list `"a.png, b.jpg"`, text-only records have no `image`.
 Eval records ask `EVAL_PROMPT` about pictures without grayscale (even index: one shape, odd: two or three)
 and carry `truth`: `{"lang", "answer" (the exact expected reply), "count", "grayscale", "shapes":
 [{"kind", "colour", "position", "size"}, ...]}`; `vlm.demo.scoring.score_answer(reply, truth)` scores
 a reply.
+Eval SFT records are SFT dialogues (one picture, two, or text only; pictures without grayscale) cut after
+the reply that is scored, the 1st, 2nd or 3rd; record i asks `QUESTION_TYPES[i % 17]`, so every type is
+asked equally often. Their `truth` is `{"lang", "type" ("single/count", "pair/more", "text/corners", ...),
+"turn" (1-based), "answer" (the exact expected reply), "attribute" (the value asked for, see
+`data_tools.synth_text.Asked`)}`; `vlm.demo.scoring.score_question(reply, truth)` scores a reply.
 
 Every record draws from its own RNG seeded by (seed, split, index): the same arguments give byte-identical
-files, and record i of a split does not depend on the other counts or on the language.
+files, and record i of a split does not depend on the other counts or on the language. `--workers` only
+changes the speed: pictures are drawn in a process pool, records written in order.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,6 +41,7 @@ from data_tools.synth_text import (
     EVAL_PROMPT,
     LANGS,
     PAIR_QUESTIONS,
+    QUESTION_TYPES,
     SINGLE_QUESTIONS,
     TEXT_QUESTIONS,
     WORDS,
@@ -45,7 +55,8 @@ from data_tools.synth_text import (
 __all__ = ["EVAL_PROMPT", "build_record", "iter_corpus_text", "main", "parse_description",
            "write_corpus"]
 
-SPLITS = ("pretrain", "sft", "eval")
+SPLITS = ("pretrain", "sft", "eval", "eval_sft")
+_TOKENIZER_SPLITS = ("pretrain", "sft", "eval")  # iter_corpus_text's sample: the built-in tokenizer's text
 PRETRAIN_PROMPTS = {
     "en": ("Describe the picture.\n<image>", "<image>\nWhat is in this image?", EVAL_PROMPT["en"],
            "What shapes do you see?\n<image>", "<image>\nGive a short description of the image.",
@@ -54,14 +65,15 @@ PRETRAIN_PROMPTS = {
            "你看到了哪些图形？\n<image>", "<image>\n简要描述这张图片。", "看图并列出其中的图形。\n<image>"),
 }
 INFO_FILE = "synth_info.json"
-_OUR_IMAGE = re.compile(r"^(pretrain|sft|eval)_\d{6}(_\d)?\.(jpg|png)$")
+_OUR_IMAGE = re.compile(r"^(pretrain|sft|eval|eval_sft)_\d{6}(_\d)?\.(jpg|png)$")
 
 Images = list[tuple[str, Scene]]
 
 
-def _conversation(turns: list[tuple[str, str]]) -> list[dict]:
+def _conversation(turns: list[tuple]) -> list[dict]:
+    """Alternating user/assistant messages from (question, answer, ...) turns."""
     messages = []
-    for question, answer in turns:
+    for question, answer, *_ in turns:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -114,7 +126,31 @@ def _eval(rng: random.Random, index: int, lang: str) -> tuple[dict, Images]:
     return record, [(name, scene)]
 
 
-_BUILDERS = {"pretrain": _pretrain, "sft": _sft, "eval": _eval}
+def _eval_sft(rng: random.Random, index: int, lang: str) -> tuple[dict, Images]:
+    """Type `QUESTION_TYPES[index % 17]` asked at turn 1, 2 or 3 of a dialogue drawn as in `_sft` (earlier
+    questions of other types of the same group, the pictures' tags in the first question), cut after it."""
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    group, kind = qtype.split("/")
+    turn = rng.choice((1, 2, 3))
+    scenes = [sample_scene(rng, allow_grayscale=False) for _ in range({"single": 1, "pair": 2, "text": 0}[group])]
+    pool = {"single": SINGLE_QUESTIONS, "pair": PAIR_QUESTIONS, "text": TEXT_QUESTIONS}[group]
+    kinds = [*rng.sample([k for k in pool if k != kind], turn - 1), kind]
+    if group == "text":
+        asked = [text_qa(k, rng, lang) for k in kinds]
+    elif group == "pair":
+        asked = [pair_qa(k, *[(s.shapes, s.grayscale) for s in scenes], rng, lang) for k in kinds]
+    else:
+        asked = [single_image_qa(k, scenes[0].shapes, scenes[0].grayscale, rng, lang) for k in kinds]
+    names = [f"eval_sft_{index:06d}{f'_{k}' if len(scenes) > 1 else ''}.{s.fmt}" for k, s in enumerate(scenes)]
+    turns: list[tuple] = list(asked)
+    if scenes:
+        turns[0] = (_with_images(turns[0][0], len(scenes), rng), turns[0][1])
+    truth = {"lang": lang, "type": qtype, "turn": turn, "answer": asked[-1].answer, "attribute": asked[-1].attribute}
+    record = {"conversations": _conversation(turns)} | ({"image": ", ".join(names)} if names else {})
+    return record | {"truth": truth}, list(zip(names, scenes))
+
+
+_BUILDERS = {"pretrain": _pretrain, "sft": _sft, "eval": _eval, "eval_sft": _eval_sft}
 
 
 def build_record(split: str, index: int, seed: int = 0, lang: str = "en") -> tuple[dict, Images]:
@@ -134,7 +170,7 @@ def iter_corpus_text(lang: str, records_per_split: int = 300, seed: int = 0) -> 
     for table in WORDS[lang].values():
         yield " ".join(str(v) for v in table.values())
     yield "system\nuser\nassistant\n"
-    for split in SPLITS:
+    for split in _TOKENIZER_SPLITS:
         for index in range(records_per_split):
             record, _ = build_record(split, index, seed, lang)
             for message in record["conversations"]:
@@ -160,27 +196,53 @@ def _prepare_out(out: Path) -> None:
                     path.unlink()
 
 
+def _draw_records(job: tuple[str, int, str], items: list[tuple[str, int]]) -> list[tuple[str, str]]:
+    """Draw the pictures of records (split, index) into `<out>/<split>_images`; their (split, JSONL line).
+
+    `job` is (out, seed, lang). What it writes and returns depends on its arguments alone, so any process may
+    draw any chunk."""
+    out, seed, lang = job
+    lines = []
+    for split, index in items:
+        record, pictures = build_record(split, index, seed, lang)
+        for name, scene in pictures:
+            (Path(out) / f"{split}_images" / name).write_bytes(encode(scene, render(scene)))
+        lines.append((split, json.dumps(record, ensure_ascii=False) + "\n"))
+    return lines
+
+
 def write_corpus(out: str | Path, pretrain: int = 2000, sft: int = 1000, eval: int = 200, seed: int = 0,
-                 lang: str = "en", progress: bool = True) -> dict[str, int]:
-    """Write the corpus into `out`; returns the number of records written per split."""
+                 lang: str = "en", progress: bool = True, eval_sft: int = 0,
+                 workers: int | None = None) -> dict[str, int]:
+    """Write the corpus into `out`; returns the number of records written per split. `workers` processes
+    draw the pictures (default: up to 2); the files are the same bytes for any number."""
+    from data_tools.shard import ordered_map  # the sharder's ordered process pool
+
     out = Path(out)
-    counts = {"pretrain": pretrain, "sft": sft, "eval": eval}
+    counts = {"pretrain": pretrain, "sft": sft, "eval": eval, "eval_sft": eval_sft}
     if any(n < 0 for n in counts.values()):
         raise ValueError(f"record counts must be >= 0, got {counts}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers} (--workers)")
     out.mkdir(parents=True, exist_ok=True)
     _prepare_out(out)
-    bar = tqdm(total=sum(counts.values()), desc="synth corpus", unit="rec", disable=not progress)
-    for split, n in counts.items():
-        images = out / f"{split}_images"
-        images.mkdir(exist_ok=True)
-        with open(out / f"{split}_data.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for index in range(n):
-                record, pictures = build_record(split, index, seed, lang)
-                for name, scene in pictures:
-                    (images / name).write_bytes(encode(scene, render(scene)))
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                bar.update()
-    bar.close()
+    items = [(split, index) for split, n in counts.items() for index in range(n)]
+    with ExitStack() as stack:
+        files = {}
+        for split in counts:
+            (out / f"{split}_images").mkdir(exist_ok=True)
+            files[split] = stack.enter_context(open(out / f"{split}_data.jsonl", "w", encoding="utf-8", newline="\n"))
+        # The bar starts with the first record: a tqdm bar starts a thread, and the pool forks its workers
+        # (rather than start new interpreters) only from a process that has just one.
+        bar = None
+        for split, line in ordered_map(_draw_records, (str(out), seed, lang), items, workers, batch=64):
+            files[split].write(line)
+            if bar is None:
+                bar = tqdm(total=len(items), desc="synth corpus", unit="rec", disable=not progress)
+            bar.update()
+        if bar is not None:
+            bar.close()
     info = {"tool": "data_tools.synth", "format_version": 1, "seed": seed, "lang": lang, "records": counts}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return counts
@@ -192,15 +254,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain", type=int, default=2000, help="pretrain records (caption pairs)")
     p.add_argument("--sft", type=int, default=1000, help="SFT records (multi-turn, some two-image, some text-only)")
     p.add_argument("--eval", type=int, default=200, help="held-out eval records with ground truth")
+    p.add_argument("--eval_sft", type=int, default=612,
+                   help="held-out SFT questions with ground truth, the 17 question types in turn")
     p.add_argument("--seed", type=int, default=0, help="corpus seed: same seed and counts, same bytes")
     p.add_argument("--lang", choices=LANGS, default="en", help="language of prompts and answers")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes drawing the pictures (only the speed changes)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Write the synthetic corpus the flags describe and print its record counts; returns 0."""
     args = _parse_args(argv)
-    counts = write_corpus(args.out, args.pretrain, args.sft, args.eval, args.seed, args.lang)
+    counts = write_corpus(args.out, args.pretrain, args.sft, args.eval, args.seed, args.lang,
+                          eval_sft=args.eval_sft, workers=args.workers)
     print(f"wrote {', '.join(f'{n} {s}' for s, n in counts.items())} records to {args.out}")
     return 0
 

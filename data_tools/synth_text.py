@@ -1,7 +1,8 @@
 """Wording of the synthetic corpus in English and Chinese: fixed templates and their parser.
 
 Every answer is produced from a fixed template, so a model's output can be parsed back into shapes
-(`parse_description`) and scored exactly (`vlm.demo.scoring.score_answer`). Attribute values are always stored under their
+(`parse_description`) or into the value a question asks for (`parse_answer`) and scored exactly
+(`vlm.demo.scoring.score_answer`, `score_question`). Attribute values are always stored under their
 canonical English names (`data_tools.shapes.KINDS`, `COLOURS`, `POSITIONS`, `SIZES`); only the
 sentences change with the language.
 """
@@ -9,6 +10,7 @@ sentences change with the language.
 from __future__ import annotations
 
 import re
+from typing import Any, NamedTuple
 
 from data_tools.shapes import COLOURS, KINDS, POSITIONS, SIZES, Shape
 
@@ -99,6 +101,14 @@ def parse_description(text: str, lang: str) -> list[dict]:
     return shapes
 
 
+class Asked(NamedTuple):
+    """One question/answer turn and the canonical value the question asks for (see `QUESTION_TYPES`)."""
+
+    question: str
+    answer: str
+    attribute: Any
+
+
 QA = {
     "en": {
         "describe": "Describe the shapes.",
@@ -146,20 +156,28 @@ def _ref(shape: Shape, shapes: tuple[Shape, ...], grayscale: bool, avoid: str, l
     return QA[lang]["ref_colour"].format(colour=w["colour"][shape.colour], kind=kind)
 
 
-def single_image_qa(kind: str, shapes: tuple[Shape, ...], grayscale: bool, rng, lang: str) -> tuple[str, str]:
-    """One question of type `kind` about a picture and its template answer."""
+def _attributes(shapes: tuple[Shape, ...], grayscale: bool) -> list[dict]:
+    return [s.truth(grayscale) for s in shapes]
+
+
+def single_image_qa(kind: str, shapes: tuple[Shape, ...], grayscale: bool, rng, lang: str) -> Asked:
+    """One question of type `kind` about a picture, its template answer and the attribute asked for: the
+    shapes (describe), the number (count), {kind, colour, size} or "none" (kind_at), "yes"/"no" (exists),
+    or the colour, position or size name."""
     q, w = QA[lang], WORDS[lang]
     if kind == "describe":
-        return q["describe"], describe(shapes, grayscale, lang)
+        return Asked(q["describe"], describe(shapes, grayscale, lang), _attributes(shapes, grayscale))
     if kind == "count":
         n = len(shapes)
-        return q["count_q"], q["count_1"] if n == 1 else q["count_n"].format(n=w["count"][n])
+        return Asked(q["count_q"], q["count_1"] if n == 1 else q["count_n"].format(n=w["count"][n]), n)
     if kind == "kind_at":
         # Half the time ask about an occupied cell, or most answers would be "no shape there".
         pos = w["position"][rng.choice(shapes).position if rng.random() < 0.5 else rng.choice(POSITIONS)]
         at = [s for s in shapes if w["position"][s.position] == pos]
         answer = q["kind_at_a"].format(obj=_obj(at[0], grayscale, lang)) if at else q["kind_at_none"].format(pos=pos)
-        return q["kind_at_q"].format(pos=pos), answer
+        attribute = {"kind": at[0].kind, "colour": None if grayscale else at[0].colour, "size": at[0].size} \
+            if at else "none"
+        return Asked(q["kind_at_q"].format(pos=pos), answer, attribute)
     if kind == "exists":
         present = rng.random() < 0.5
         kind_colours = {(s.kind, s.colour) for s in shapes} if not grayscale else {(s.kind, None) for s in shapes}
@@ -169,17 +187,19 @@ def single_image_qa(kind: str, shapes: tuple[Shape, ...], grayscale: bool, rng, 
         obj = colour + w["kind"][pick[0]]
         if lang == "en":
             obj = ("an " if obj[0] in "aeiou" else "a ") + obj
-        return q["exists_q"].format(obj=obj), q["yes"] if pick in kind_colours else q["no"]
+        present = pick in kind_colours
+        return Asked(q["exists_q"].format(obj=obj), q["yes"] if present else q["no"], "yes" if present else "no")
     shape = rng.choice(shapes)
     if kind == "colour":
         question = q["colour_q"].format(ref=_ref(shape, shapes, grayscale, "colour", lang))
-        return question, q["colour_gray"] if grayscale else q["colour_a"].format(colour=w["colour"][shape.colour])
+        answer = q["colour_gray"] if grayscale else q["colour_a"].format(colour=w["colour"][shape.colour])
+        return Asked(question, answer, None if grayscale else shape.colour)
     if kind == "where":
         question = q["where_q"].format(ref=_ref(shape, shapes, grayscale, "position", lang))
-        return question, q["where_a"].format(pos=w["position"][shape.position])
+        return Asked(question, q["where_a"].format(pos=w["position"][shape.position]), shape.position)
     if kind == "size":
         question = q["size_q"].format(ref=_ref(shape, shapes, grayscale, "size", lang))
-        return question, q["size_a"].format(size=w["size"][shape.size])
+        return Asked(question, q["size_a"].format(size=w["size"][shape.size]), shape.size)
     raise ValueError(f"unknown question type {kind!r}; known: {', '.join(SINGLE_QUESTIONS)}")
 
 
@@ -212,24 +232,32 @@ PAIR_QA = {
 PAIR_QUESTIONS = ("counts", "more", "describe", "both")
 
 
-def pair_qa(kind: str, first: tuple, second: tuple, rng, lang: str) -> tuple[str, str]:
-    """A question comparing two pictures; `first`/`second` are (shapes, grayscale) pairs."""
+MORE = ("first", "second", "same")
+"""The attribute of a pair/more answer, in the order of PAIR_QA's "more_a"."""
+BOTH = ("both", "first", "second", "neither")
+"""The attribute of a pair/both answer, in the order of PAIR_QA's "both_a"."""
+
+
+def pair_qa(kind: str, first: tuple, second: tuple, rng, lang: str) -> Asked:
+    """A question comparing two pictures, its answer and the attribute asked for: [n1, n2] (counts), one of
+    `MORE` or `BOTH`, or the described picture's shapes; `first`/`second` are (shapes, grayscale) pairs."""
     q = PAIR_QA[lang]
     n1, n2 = len(first[0]), len(second[0])
     if kind == "counts":
-        return q["counts_q"], q["counts_a"].format(n1=q["n_shapes"][n1], n2=q["n_shapes"][n2])
+        return Asked(q["counts_q"], q["counts_a"].format(n1=q["n_shapes"][n1], n2=q["n_shapes"][n2]), [n1, n2])
     if kind == "more":
-        return q["more_q"], q["more_a"][0 if n1 > n2 else 1 if n2 > n1 else 2]
+        which = 0 if n1 > n2 else 1 if n2 > n1 else 2
+        return Asked(q["more_q"], q["more_a"][which], MORE[which])
     if kind == "describe":
         which = rng.randrange(2)
         shapes, grayscale = (first, second)[which]
-        return q["describe_q"][which], describe(shapes, grayscale, lang)
+        return Asked(q["describe_q"][which], describe(shapes, grayscale, lang), _attributes(shapes, grayscale))
     if kind == "both":
         present = {s.kind for s in first[0]} | {s.kind for s in second[0]}
         shape_kind = rng.choice(sorted(present) if rng.random() < 0.7 else KINDS)
         in1, in2 = (any(s.kind == shape_kind for s in shapes) for shapes, _ in (first, second))
-        answer = q["both_a"][0 if in1 and in2 else 1 if in1 else 2 if in2 else 3]
-        return q["both_q"].format(kind=WORDS[lang]["kind"][shape_kind]), answer
+        which = 0 if in1 and in2 else 1 if in1 else 2 if in2 else 3
+        return Asked(q["both_q"].format(kind=WORDS[lang]["kind"][shape_kind]), q["both_a"][which], BOTH[which])
     raise ValueError(f"unknown question type {kind!r}; known: {', '.join(PAIR_QUESTIONS)}")
 
 
@@ -240,8 +268,8 @@ TEXT_QA = {
         "positions": ("Which positions can a shape be in?", "{items}."),
         "sizes": ("Which sizes can a shape have?", "{items}."),
         "corners_q": "How many corners does a {kind} have?",
-        "corners_a": {"circle": "A circle has no corners.", "square": "A square has four corners.",
-                      "triangle": "A triangle has three corners.", "star": "A star has ten corners."},
+        "corners_a": "A {kind} has {corners}.",
+        "corners": {0: "no corners", 3: "three corners", 4: "four corners", 10: "ten corners"},
         "opposite": ("What is the opposite of {a}?", "The opposite of {a} is {b}."),
     },
     "zh": {
@@ -250,12 +278,13 @@ TEXT_QA = {
         "positions": ("图形可以在哪些位置？", "{items}。"),
         "sizes": ("图形有哪些大小？", "{items}。"),
         "corners_q": "{kind}有几个角？",
-        "corners_a": {"circle": "圆形没有角。", "square": "正方形有四个角。", "triangle": "三角形有三个角。",
-                      "star": "五角星有十个角。"},
+        "corners_a": "{kind}{corners}。",
+        "corners": {0: "没有角", 3: "有三个角", 4: "有四个角", 10: "有十个角"},
         "opposite": ("{a}的反义词是什么？", "{a}的反义词是{b}。"),
     },
 }
 TEXT_QUESTIONS = ("kinds", "colours", "positions", "sizes", "corners", "opposite")
+CORNERS = {"circle": 0, "square": 4, "triangle": 3, "star": 10}
 
 
 def _list_words(words: list[str], lang: str) -> str:
@@ -265,18 +294,131 @@ def _list_words(words: list[str], lang: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def text_qa(kind: str, rng, lang: str) -> tuple[str, str]:
-    """A text-only question about the corpus vocabulary and its template answer."""
+def _list_table(kind: str, lang: str) -> dict:
+    w = WORDS[lang]
+    return {"kinds": w["kinds"], "colours": w["colour"], "positions": w["position"], "sizes": w["size"]}[kind]
+
+
+def text_qa(kind: str, rng, lang: str) -> Asked:
+    """A text-only question about the corpus vocabulary, its template answer, and as the attribute that
+    answer itself (`parse_answer` reads the asked value out of it)."""
     t, w = TEXT_QA[lang], WORDS[lang]
     if kind in ("kinds", "colours", "positions", "sizes"):
-        table = {"kinds": w["kinds"], "colours": w["colour"], "positions": w["position"], "sizes": w["size"]}[kind]
         question, answer = t[kind]
-        return question, answer.format(items=_list_words(list(table.values()), lang))
+        answer = answer.format(items=_list_words(list(_list_table(kind, lang).values()), lang))
+        return Asked(question, answer, answer)
     if kind == "corners":
         shape_kind = rng.choice(KINDS)
-        return t["corners_q"].format(kind=w["kind"][shape_kind]), t["corners_a"][shape_kind]
+        answer = t["corners_a"].format(kind=w["kind"][shape_kind], corners=t["corners"][CORNERS[shape_kind]])
+        return Asked(t["corners_q"].format(kind=w["kind"][shape_kind]), answer, answer)
     if kind == "opposite":
         a, b = rng.sample(SIZES, 2)
         question, answer = t["opposite"]
-        return question.format(a=w["size"][a]), answer.format(a=w["size"][a], b=w["size"][b])
+        answer = answer.format(a=w["size"][a], b=w["size"][b])
+        return Asked(question.format(a=w["size"][a]), answer, answer)
     raise ValueError(f"unknown question type {kind!r}; known: {', '.join(TEXT_QUESTIONS)}")
+
+
+QUESTION_TYPES = tuple(f"single/{k}" for k in SINGLE_QUESTIONS) + tuple(f"pair/{k}" for k in PAIR_QUESTIONS) \
+    + tuple(f"text/{k}" for k in TEXT_QUESTIONS)
+"""Every question type as "group/kind": 7 about one picture, 4 comparing two, 6 text-only."""
+
+
+def _named(name: str, names: dict) -> str:
+    return f"(?P<{name}>{_alternation(names)})"
+
+
+def _regex(template: str, **fields: str) -> str:
+    """A template as regex text: its words escaped, each {field} replaced by `fields[field]`, the closing full
+    stop left out (a reply may end without it)."""
+    pieces = re.split(r"\{(\w+)\}", template.rstrip(".。"))
+    return "".join(fields[p] if i % 2 else re.escape(p) for i, p in enumerate(pieces))
+
+
+def _pattern(template: str, lang: str, **fields: str) -> re.Pattern:
+    """`_regex` compiled; English case-insensitive and never inside a longer word."""
+    regex = _regex(template, **fields)
+    return re.compile(rf"(?<!\w){regex}(?!\w)", re.IGNORECASE) if lang == "en" else re.compile(regex)
+
+
+def _key(names: dict, word: str) -> Any:
+    """The canonical key of a word of `names` (English compared case-insensitively)."""
+    return {v.lower(): k for k, v in names.items()}[word.lower()]
+
+
+def _sentences(templates: tuple[str, ...], values: tuple, lang: str) -> list:
+    return [(_pattern(t, lang), lambda m, v=v: v) for t, v in zip(templates, values)]
+
+
+def _single_grammar(lang: str) -> dict[str, list]:
+    q, w = QA[lang], WORDS[lang]
+    optional_colour = f"(?:{_named('colour', w['colour'])} )?" if lang == "en" else f"{_named('colour', w['colour'])}?"
+    obj = ("一个" if lang == "zh" else "an? ") + _regex(q["obj"], size=_named("size", w["size"]),
+                                                       colour=optional_colour, kind=_named("kind", w["kind"]))
+    return {
+        "count": [(_pattern(q["count_1"], lang), lambda m: 1),
+                  (_pattern(q["count_n"], lang, n=_named("n", w["count"])), lambda m: _key(w["count"], m["n"]))],
+        "kind_at": [(_pattern(q["kind_at_a"], lang, obj=obj),
+                     lambda m: {"kind": _key(w["kind"], m["kind"]), "size": _key(w["size"], m["size"]),
+                                "colour": _key(w["colour"], m["colour"]) if m["colour"] else None}),
+                    (_pattern(q["kind_at_none"], lang, pos=_named("pos", w["position"])), lambda m: "none")],
+        "exists": _sentences((q["yes"], q["no"]), ("yes", "no"), lang),
+        "colour": [(_pattern(q["colour_a"], lang, colour=_named("colour", w["colour"])),
+                    lambda m: _key(w["colour"], m["colour"]))],
+        "where": [(_pattern(q["where_a"], lang, pos=_named("pos", w["position"])),
+                   lambda m: _key(w["position"], m["pos"]))],
+        "size": [(_pattern(q["size_a"], lang, size=_named("size", w["size"])), lambda m: _key(w["size"], m["size"]))],
+    }
+
+
+def _pair_grammar(lang: str) -> dict[str, list]:
+    q = PAIR_QA[lang]
+    n = q["n_shapes"]
+    return {
+        "counts": [(_pattern(q["counts_a"], lang, n1=_named("n1", n), n2=_named("n2", n)),
+                    lambda m: [_key(n, m["n1"]), _key(n, m["n2"])])],
+        "more": _sentences(q["more_a"], MORE, lang),
+        "both": _sentences(q["both_a"], BOTH, lang),
+    }
+
+
+def _text_grammar(lang: str) -> dict[str, list]:
+    t, w = TEXT_QA[lang], WORDS[lang]
+    return {
+        "corners": [(_pattern(t["corners_a"], lang, kind=_named("kind", w["kind"]),
+                              corners=_named("corners", t["corners"])), lambda m: _key(t["corners"], m["corners"]))],
+        "opposite": [(_pattern(t["opposite"][1], lang, a=_named("a", w["size"]), b=_named("b", w["size"])),
+                      lambda m: _key(w["size"], m["b"]))],
+    }
+
+
+_GRAMMARS: dict[str, dict[str, list]] = {}
+
+
+def _grammar(lang: str) -> dict[str, list]:
+    """{question type: [(regex, value of a match), ...]} for one language, compiled once."""
+    if lang not in _GRAMMARS:
+        _GRAMMARS[lang] = {f"{group}/{kind}": options for group, build in
+                           (("single", _single_grammar), ("pair", _pair_grammar), ("text", _text_grammar))
+                           for kind, options in build(lang).items()}
+    return _GRAMMARS[lang]
+
+
+def parse_answer(qtype: str, text: str, lang: str) -> Any:
+    """The value a reply to a question of `qtype` (one of `QUESTION_TYPES`) names, read with the templates'
+    own grammar, in `Asked.attribute`'s canonical form; for text-only types the value inside the answer (the
+    sorted names listed, the number of corners, the opposite size). None when no template phrase is found;
+    where several are, the first in the text counts."""
+    _check_lang(lang)
+    if qtype not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qtype!r}; known: {', '.join(QUESTION_TYPES)}")
+    kind = qtype.split("/")[1]
+    if kind == "describe":
+        return parse_description(text, lang)
+    if kind in ("kinds", "colours", "positions", "sizes"):
+        table = _list_table(kind, lang)
+        regex = _pattern("{w}", lang, w=_named("w", table))
+        return sorted(_key(table, m["w"]) for m in regex.finditer(text)) or None
+    found = [(m.start(), -len(m.group()), value(m)) for regex, value in _grammar(lang)[qtype]
+             if (m := regex.search(text))]
+    return min(found, key=lambda f: f[:2])[2] if found else None

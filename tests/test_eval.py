@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_tools.synth import build_record
+from data_tools.synth_text import QUESTION_TYPES
 from tests.tiny_vlm import DIM, LAYERS, save_tiny_vlm
 from vlm import eval as vlm_eval
 from vlm.data.collate import pad_collate
@@ -196,3 +197,53 @@ def test_an_unknown_checkpoint_is_refused_with_the_kinds_named(tmp_path, capsys)
     with pytest.raises(CheckpointKindError):  # --debug: the error itself, with its traceback
         vlm_eval.main(["--checkpoint", str(tmp_path), "--shards", str(tmp_path), "--debug"])
     assert not list(tmp_path.iterdir())  # nothing written for a run that could not start
+
+
+def _question(index: int) -> EvalRecord:
+    record, pictures = build_record("eval_sft", index, seed=0)
+    return EvalRecord(f"q{index}", record["conversations"], [], [name for name, _ in pictures], record["truth"])
+
+
+def test_question_records_are_scored_by_type_and_caption_records_as_before():
+    captions = [_record(0), _record(1)]
+    questions = [_question(i) for i in range(2 * 17)]  # every type twice
+    answers = [r.truth["answer"] for r in captions]
+    # the first of each type right word for word, the second garbled
+    answers += [r.truth["answer"] if i < 17 else "I cannot tell." for i, r in enumerate(questions)]
+    rows, part = vlm_eval.answer_rows([*captions, *questions], answers)
+
+    assert part["accuracy"] == 1.0 and part["scores"]["all"]["n"] == 2  # the caption records only
+    assert part["scores"] == scored_report(captions, answers[:2])["scores"]
+    asked = part["sft_scores"]
+    assert len(asked["by_type"]) == 17 and all(t == {"n": 2, "exact": 0.5, "attribute": 0.5}
+                                               for t in asked["by_type"].values())
+    assert {g: v["n"] for g, v in asked["by_group"].items()} == {"single": 14, "pair": 8, "text": 12}
+    assert asked["overall"] == {"n": 34, "exact": 0.5, "attribute": 0.5}
+    row = rows[2]
+    assert row["type"] == "single/describe" and row["turn"] == questions[0].truth["turn"] and row["right"]
+    assert row["truth"] == row["reference"] == questions[0].truth["answer"] and "shapes" not in row
+    assert "type" not in rows[0] and rows[0]["right"]
+
+    report = {"model": "m", "records": 36, "loss": 1.0, "perplexity": math.e, "label_tokens": 10,
+              **part}
+    lines = vlm_eval.summary_lines(report, vlm_eval.default_answers_path("ckpt", None), None)
+    table = lines[lines.index(next(line for line in lines if "SFT questions (34 records" in line)) + 1:]
+    assert table[0].split() == ["question", "type", "n", "attribute", "exact"]
+    assert table[1].split() == ["single/describe", "2", "0.500", "0.500"]
+    assert any(line.split()[:2] == ["text", "(all)"] for line in table)
+
+
+def test_cli_on_the_eval_sft_split_reports_sft_scores(tiny, tmp_path, capsys):
+    from data_tools.synth import write_corpus
+
+    write_corpus(tmp_path / "d", pretrain=0, sft=0, eval=0, eval_sft=17, progress=False, workers=1)
+    out = tmp_path / "eval_sft.json"
+    assert vlm_eval.main(["--checkpoint", str(tiny[0]), "--data", str(tmp_path / "d" / "eval_sft_data.jsonl"),
+                          "--images", str(tmp_path / "d" / "eval_sft_images"), "--out", str(out),
+                          "--max_new_tokens", "3"]) == 0
+    report = json.loads(out.read_text())
+    assert report["answered"] == 17 and report["scores"]["all"]["n"] == 0 and report["accuracy"] is None
+    assert list(report["sft_scores"]["by_type"]) == list(QUESTION_TYPES)
+    assert report["sft_scores"]["overall"]["n"] == 17
+    printed = capsys.readouterr().out
+    assert "SFT questions (17 records" in printed and "text/opposite" in printed

@@ -14,7 +14,10 @@ against that last reply (`vlm.formats.scoring`: exact match, SQuAD-normalised ma
 that carry `truth` (the synthetic corpus's eval split, `data_tools.synth`) are scored with
 `vlm.demo.scoring` too (exact match and per attribute), split into pictures of one shape (`single`) and of
 several (`multi`): `accuracy` is the share of single-shape pictures whose colour and kind are both right,
-`multi_shape_accuracy` the same for every shape of a multi-shape picture.
+`multi_shape_accuracy` the same for every shape of a multi-shape picture. Records whose truth names a
+question type (the eval_sft split: one scored SFT question each) are scored by
+`vlm.demo.scoring.score_question` instead: `sft_scores` holds, per type, per group (single, pair, text)
+and overall, the number of records and the shares with the value asked for right (`attribute`) and exact.
 
 Every answer goes to a JSONL file (`--answers`; default beside `--out`, else in the checkpoint's folder),
 the report without the answers to `--out` as JSON; stdout gets a summary table only, and stderr a
@@ -37,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from vlm.data.collate import pad_collate
-from vlm.demo.scoring import METRICS, scored_report
+from vlm.demo.scoring import METRICS, question_report, question_table, scored_report
 from vlm.formats.errors import BadSample
 from vlm.formats.records import parse_record, read_image
 from vlm.formats.scoring import answer_split, last_reply_index, mean_scores, question_text, score_pair
@@ -161,8 +164,9 @@ def greedy_answers(vlm: LoadedVLM, records: Sequence[EvalRecord], batch_size: in
 
 def answer_rows(records: Sequence[EvalRecord], answers: Sequence[str | None]) -> tuple[list[dict], dict]:
     """(rows, report part): one row per answered record (key, pictures, question, reference, answer, the
-    generic scores, and for records with truth the synthetic ones), their means, and the synthetic report
-    (`vlm.demo.scoring.scored_report`) over the records with truth."""
+    generic scores, and for records with truth the synthetic ones), their means, the synthetic report
+    (`vlm.demo.scoring.scored_report`) over the records with caption truth, and `sft_scores`
+    (`vlm.demo.scoring.question_report`) over those whose truth names a question type."""
     rows, with_truth, skipped = [], [], Counter()
     for record, answer in zip(records, answers):
         prompt, reference = answer_split(record.conversations)
@@ -173,11 +177,15 @@ def answer_rows(records: Sequence[EvalRecord], answers: Sequence[str | None]) ->
                      "reference": reference, "answer": answer, **score_pair(answer, reference)})
         if record.truth is not None:
             with_truth.append((record, rows[-1]))
-    synthetic = scored_report([r for r, _ in with_truth], [row["answer"] for _, row in with_truth])
-    for (_, row), scored in zip(with_truth, synthetic.pop("answers")):  # shapes, truth, right, scores
-        row.update({k: v for k, v in scored.items() if k not in row})
+    captions = [(r, row) for r, row in with_truth if "type" not in r.truth]
+    questions = [(r, row) for r, row in with_truth if "type" in r.truth]
+    synthetic = scored_report([r for r, _ in captions], [row["answer"] for _, row in captions])
+    asked = question_report([r for r, _ in questions], [row["answer"] for _, row in questions])
+    for pairs, part in ((captions, synthetic), (questions, asked)):
+        for (_, row), scored in zip(pairs, part.pop("answers")):  # shapes or type, truth, right, scores
+            row.update({k: v for k, v in scored.items() if k not in row})
     means = mean_scores(rows)
-    return rows, {"answered": means.pop("n"), "answer_skipped": dict(skipped), **means, **synthetic}
+    return rows, {"answered": means.pop("n"), "answer_skipped": dict(skipped), **means, **synthetic, **asked}
 
 
 def evaluate(vlm: LoadedVLM, records: Sequence[EvalRecord], batch_size: int = 32, max_new_tokens: int = 128,
@@ -224,6 +232,10 @@ def summary_lines(report: dict, answers_path: Path, out: str | None) -> list[str
         lines.append("    split       n" + "".join(f"{m:>12}" for m in METRICS))
         for split, row in scores.items():
             lines.append(f"    {split:<6} {row['n']:>6}" + "".join(f"{_num(row[m], 12)}" for m in METRICS))
+    asked = report.get("sft_scores")
+    if asked and asked["overall"]["n"]:
+        lines.append(f"  SFT questions ({asked['overall']['n']} records; attribute: the value asked for is right):")
+        lines += question_table(asked, indent="    ")
     lines.append(f"answers ({report['answered']} lines): {answers_path}")
     if out:
         lines.append(f"report: {out}")

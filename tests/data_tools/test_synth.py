@@ -21,11 +21,11 @@ from data_tools.synth import (
 )
 from data_tools.synth_text import WORDS
 
-COUNTS = {"pretrain": 60, "sft": 60, "eval": 12}
+COUNTS = {"pretrain": 60, "sft": 60, "eval": 12, "eval_sft": 34}
 
 
 def _make(out: Path, seed: int = 0, lang: str = "en", counts: dict | None = None) -> Path:
-    counts = counts or COUNTS
+    counts = {"eval_sft": 0, **(counts or COUNTS)}
     argv = ["--out", str(out), "--seed", str(seed), "--lang", lang]
     for split, n in counts.items():
         argv += [f"--{split}", str(n)]
@@ -53,7 +53,8 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus_zh(tmp_path_factory) -> Path:
-    return _make(tmp_path_factory.mktemp("synth_zh") / "dataset", lang="zh", counts={"pretrain": 8, "sft": 30, "eval": 6})
+    return _make(tmp_path_factory.mktemp("synth_zh") / "dataset", lang="zh",
+                 counts={"pretrain": 8, "sft": 30, "eval": 6, "eval_sft": 17})
 
 
 def test_layout_and_counts(corpus):
@@ -67,7 +68,7 @@ def test_layout_and_counts(corpus):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    small = {"pretrain": 6, "sft": 10, "eval": 4}
+    small = {"pretrain": 6, "sft": 10, "eval": 4, "eval_sft": 5}
     a = _files(_make(tmp_path / "a", seed=3, counts=small))
     b = _files(_make(tmp_path / "b", seed=3, counts=small))
     c = _files(_make(tmp_path / "c", seed=4, counts=small))
@@ -205,9 +206,10 @@ def test_chinese_corpus(corpus_zh):
 
 
 def test_rerun_replaces_our_corpus_but_refuses_foreign_data(tmp_path):
-    out = _make(tmp_path / "d", counts={"pretrain": 5, "sft": 3, "eval": 2})
-    _make(out, counts={"pretrain": 2, "sft": 1, "eval": 1})
+    out = _make(tmp_path / "d", counts={"pretrain": 5, "sft": 3, "eval": 2, "eval_sft": 12})
+    _make(out, counts={"pretrain": 2, "sft": 1, "eval": 1, "eval_sft": 1})
     assert len(list((out / "pretrain_images").iterdir())) == 2  # no stale pictures from the first run
+    assert [p.name for p in (out / "eval_sft_images").iterdir()] == _images(_records(out, "eval_sft")[0])
     foreign = tmp_path / "user_data"
     foreign.mkdir()
     (foreign / "pretrain_data.jsonl").write_text("{}\n")
