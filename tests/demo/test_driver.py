@@ -11,7 +11,7 @@ import pytest
 
 from vlm.demo import driver as demo
 from vlm.demo.settings import STAGES, DemoPaths
-from vlm.demo.stages import make_corpus, make_shards, train_args, trainer_command
+from vlm.demo.stages import NO_VISION_STAGE_ARGS, make_corpus, make_shards, train_args, trainer_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,16 +39,23 @@ def test_tiny_demo_trains_both_stages_exports_and_reports(tmp_path, capsys):
     assert (out / "sft" / "export" / "config.json").is_file() and (out / "demo_vlm.pth").is_file()
     assert (out / "loss.png").is_file()
     assert len(json.loads((out / "eval.json").read_text())["answers"]) == 16
+    asked = report["sft_scores"]
+    assert asked["overall"]["n"] == 34 and len(asked["by_type"]) == 17
+    assert {g: row["n"] for g, row in asked["by_group"].items()} == {"single": 14, "pair": 8, "text": 12}
+    assert report["text_only_accuracy"] == asked["by_group"]["text"]["attribute"]
+    assert len(json.loads((out / "eval_sft.json").read_text())["answers"]) == 34
 
     printed = capsys.readouterr().out
     assert "accuracy (colour and kind right, 8 held-out one-shape pictures)" in printed
     assert str(out / "report.json") in printed and str(out / "loss.png") in printed
     assert len(re.findall(r"^eval_\d{6}\.(?:jpg|png) +(?:right|WRONG) ", printed, re.M)) == 4
+    assert re.search(r"^  question type +n +attribute +exact$", printed, re.M)
+    assert len(re.findall(r"^  (?:single|pair|text)/\w+ +2 ", printed, re.M)) == 17
 
 
 def test_the_corpus_is_reused_when_the_settings_match(tmp_path):
     paths = DemoPaths(tmp_path / "data", tmp_path / "out")
-    settings = demo.DemoSettings(pretrain=6, sft=4, eval=2)
+    settings = demo.DemoSettings(pretrain=6, sft=4, eval=2, eval_sft=3)
     assert make_corpus(paths, settings) is True
     make_shards(paths, overwrite=True)
     assert make_corpus(paths, settings) is False
@@ -60,6 +67,11 @@ def test_the_corpus_is_reused_when_the_settings_match(tmp_path):
     make_shards(paths, overwrite=False)  # the older shards are replaced, not refused
     manifest = json.loads((paths.shards("sft") / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["shards"]) == 5
+    assert make_corpus(paths, settings) is False
+    settings.eval_sft = 4  # the held-out questions are part of the corpus too (never sharded)
+    assert make_corpus(paths, settings) is True
+    assert len((paths.dataset / "eval_sft_data.jsonl").read_text().splitlines()) == 4
+    assert not paths.shards("eval_sft").exists()
 
 
 def test_trainer_arguments_follow_the_settings(tmp_path):
@@ -70,10 +82,14 @@ def test_trainer_arguments_follow_the_settings(tmp_path):
     assert args[args.index("--train_shards") + 1] == f"{paths.shards('sft')},{paths.shards('pretrain')}"
     pretrain_args = train_args("pretrain", paths, settings)
     assert pretrain_args[pretrain_args.index("--train_shards") + 1] == str(paths.shards("pretrain"))
-    assert f"--model.vision_model={paths.vision}" in pretrain_args
-    assert not any(a.startswith("--model.vision_model") for a in train_args("sft", paths, settings))
-    settings.vision_steps = 0  # no vision stage: pretraining starts from the YAML's random tiny encoder
-    assert not any(a.startswith("--model.vision_model") for a in train_args("pretrain", paths, settings))
+    # Both stages read the encoder the vision stage taught (frozen, as the YAMLs say)
+    assert f"--model.vision_model={paths.vision}" in pretrain_args and f"--model.vision_model={paths.vision}" in args
+    assert not set(NO_VISION_STAGE_ARGS) & set(args)
+    settings.vision_steps = 0  # no vision stage: both stages train the random built-in encoder instead
+    for stage in ("pretrain", "sft"):
+        no_vision = train_args(stage, paths, settings)
+        assert not any(a.startswith(f"--model.vision_model={paths.vision}") for a in no_vision)
+        assert set(NO_VISION_STAGE_ARGS) <= set(no_vision) and no_vision[-1] == "--train.learning_rate=1e-4"
     assert args[args.index("--max_steps") + 1] == "7" and args[-1] == "--train.learning_rate=1e-4"
     assert f"--model.init_weights={paths.out / 'pretrain' / 'export'}" in args
     assert "--max_steps" not in train_args("pretrain", paths, settings)
@@ -83,8 +99,11 @@ def test_trainer_arguments_follow_the_settings(tmp_path):
 def test_tiny_preset_and_option_checks():
     settings = demo._parse_args(["--tiny", "--seed", "3"])
     assert settings.pretrain_steps == demo.TINY["pretrain_steps"] and settings.seed == 3
+    assert settings.eval_sft == 34 and demo._parse_args(["--eval_sft", "0"]).eval_sft == 0
     with pytest.raises(SystemExit):
         demo._parse_args(["--ranks", "0"])
+    with pytest.raises(SystemExit):
+        demo._parse_args(["--eval_sft", "-1"])
 
 
 def _code_spans(markdown: str) -> list[str]:

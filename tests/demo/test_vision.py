@@ -1,4 +1,5 @@
-"""The demo's `vision` stage: labels read from captions, and a trained encoder saved as a loadable CLIP folder."""
+"""The demo's `vision` stage: cell labels read from captions, the cell pooling, and a trained encoder saved as a
+loadable CLIP folder whose geometry gives one image token per cell."""
 
 from __future__ import annotations
 
@@ -8,21 +9,53 @@ import pytest
 import torch
 
 from data_tools.shapes import COLOURS, KINDS, POSITIONS, SIZES
-from vlm.demo.vision import IGNORE_INDEX, one_shape_labels, train_vision_encoder
+from vlm.demo.vision import (
+    EMPTY,
+    IGNORE_INDEX,
+    TOWER,
+    CellHeads,
+    cell_labels,
+    cell_overlap,
+    train_vision_encoder,
+)
+from vlm.model.projector import shuffled_tokens
 from vlm.model.vision_encoder import encode_images, load_vision_encoder
 
 TINY_SHARDS = Path(__file__).parents[1] / "fixtures" / "tiny_shards"  # captions like "A red square.": no labels
 
 
-def test_labels_come_from_one_shape_captions_only():
-    labels = one_shape_labels("One shape: a large red circle in the middle left.")
-    assert labels == [KINDS.index("circle"), list(COLOURS).index("red"), POSITIONS.index("middle left"),
-                      SIZES.index("large")]
-    gray = one_shape_labels("One shape, in grayscale: a small star in the top right.")
-    assert gray is not None and gray[1] == IGNORE_INDEX and gray[0] == KINDS.index("star")
-    assert one_shape_labels("Two shapes: a large red circle in the top left and a small blue square in the "
-                            "center.") is None
-    assert one_shape_labels("Nothing I can parse.") is None
+def test_every_named_shape_labels_its_cell_and_the_other_cells_are_empty():
+    labels = cell_labels("Two shapes: a large red circle in the top left and a small blue square in the center.")
+    assert len(labels) == len(POSITIONS) == 9
+    assert labels[POSITIONS.index("top left")] == [1 + KINDS.index("circle"), list(COLOURS).index("red"),
+                                                  SIZES.index("large")]
+    assert labels[POSITIONS.index("center")] == [1 + KINDS.index("square"), list(COLOURS).index("blue"),
+                                                SIZES.index("small")]
+    empty = [cell for i, cell in enumerate(labels) if POSITIONS[i] not in ("top left", "center")]
+    assert empty == [[EMPTY, IGNORE_INDEX, IGNORE_INDEX]] * 7
+    gray = cell_labels("One shape, in grayscale: a small star in the top right.")
+    assert gray[POSITIONS.index("top right")] == [1 + KINDS.index("star"), IGNORE_INDEX, SIZES.index("small")]
+    assert cell_labels("Nothing I can parse.") is None
+
+
+def test_cell_pooling_starts_as_each_cells_share_of_the_patches():
+    overlap = cell_overlap(9)  # the demo tower: 9 x 9 patches, 3 x 3 per cell
+    assert torch.allclose(overlap.sum(dim=1), torch.ones(9))
+    top_left = overlap[0].reshape(9, 9)
+    assert torch.allclose(top_left[:3, :3], torch.full((3, 3), 1 / 9)) and top_left[3:].sum() == 0
+    assert torch.allclose(cell_overlap(8).sum(dim=1), torch.ones(9))  # cells need not align with patches
+    heads = CellHeads(16, 81)
+    features = torch.zeros(1, 81, 16)
+    features[0, :3, :] = 1.0  # only the top-left cell's first row of patches is lit
+    pooled = torch.einsum("cp,npd->ncd", heads.pool_logits.softmax(-1), features)
+    assert pooled[0, 0, 0] > 0.3 and pooled[0, 1:].max() < 1e-3  # other cells: next to nothing
+    with pytest.raises(ValueError, match="square grid"):
+        CellHeads(16, 80)
+
+
+def test_the_demo_tower_gives_one_image_token_per_cell():
+    patches = (TOWER["image_size"] // TOWER["patch_size"]) ** 2
+    assert shuffled_tokens(patches, 3) == len(POSITIONS)
 
 
 @pytest.mark.slow
@@ -30,21 +63,22 @@ def test_training_lowers_the_loss_and_saves_an_encoder_the_trainer_can_load(synt
     folder = tmp_path / "vision_model"
     result = train_vision_encoder(synth_shards["pretrain"], synth_shards["eval"], folder, steps=40, batch_size=16,
                                   warmup_steps=5, progress=False)
-    assert result["pictures"] > 50 and result["steps"] == 40 and result["skipped"] == {}
+    assert result["pictures"] == 192 and result["steps"] == 40 and result["skipped"] == {}  # 1-3 shapes: all
     assert result["loss_last"] < result["loss_first"]
     held = result["held_out"]
     assert held["pictures"] > 0 and all(0.0 <= held[k] <= 1.0 for k in ("kind", "position", "size"))
 
     encoder = load_vision_encoder(folder)  # the CLIP folder the pretrain stage starts from
+    assert encoder.config.image_size == TOWER["image_size"] and encoder.config.patch_size == TOWER["patch_size"]
     features = encode_images(encoder, torch.zeros(2, 3, encoder.config.image_size, encoder.config.image_size))
     assert features.shape == (2, (encoder.config.image_size // encoder.config.patch_size) ** 2,
                               encoder.config.hidden_size)
 
 
-def test_bad_settings_and_a_corpus_without_one_shape_captions_are_clear_errors(synth_shards, tmp_path):
+def test_bad_settings_and_a_corpus_without_shape_captions_are_clear_errors(synth_shards, tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         train_vision_encoder(synth_shards["pretrain"], synth_shards["eval"], tmp_path / "v", steps=0)
-    with pytest.raises(ValueError, match="no one-shape caption records"):
+    with pytest.raises(ValueError, match="no caption records naming shapes"):
         train_vision_encoder(TINY_SHARDS, synth_shards["eval"], tmp_path / "v", steps=2, progress=False)
 
 

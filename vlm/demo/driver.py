@@ -1,20 +1,22 @@
 """The whole job offline in one command: synthetic pictures -> shards -> vision -> pretrain -> SFT -> export -> eval.
 
-    python -m vlm.demo                   # what `make demo` runs: about 10 minutes on 2 CPU cores
+    python -m vlm.demo                   # what `make demo` runs: about 7 minutes on 2 CPU cores
     python -m vlm.demo --tiny            # a smoke run of every stage in about a minute (learns little)
     python -m vlm.demo --ranks 2 --pretrain_epochs 3 --out out/demo2
 
 Everything trains from scratch (the built-in tokenizer, the tiny CLIP-style vision encoder, a small
 MiniMind language model), since nothing pretrained can be downloaded. The `vision` stage first teaches
-the vision encoder the attributes of one-shape pretrain pictures (the stand-in for a pretrained CLIP; see
-`vlm.demo.vision`). Both VLM stages then run through the real trainer (`launch/train.py`, the DeepSpeed
-engine; `deepspeed --num_gpus N` with --ranks N > 1) with `launch/configs/demo_pretrain.yaml` and
-`demo_sft.yaml`, every parameter trainable. Data goes to `--data` (default data/demo: never the user's
+the vision encoder what lies in each cell of the pretrain pictures' 3 x 3 grid (the stand-in for a
+pretrained CLIP; see `vlm.demo.vision`). Both VLM stages then run through the real trainer
+(`launch/train.py`, the DeepSpeed engine; `deepspeed --num_gpus N` with --ranks N > 1) with
+`launch/configs/demo_pretrain.yaml` and `demo_sft.yaml`: projector and language model trained, the encoder
+frozen (with --vision_steps 0 the random built-in encoder trains with them instead). Data goes to `--data` (default data/demo: never the user's
 dataset/), everything else to `--out` (default out/demo): each stage's out_dir with metrics.jsonl,
 loss.png, train.log, checkpoints and export/, `vision_model/`, the MiniMind-V .pth, `loss.png` (both
-stages), `eval.json` (every held-out answer) and `report.json` (accuracy, multi_shape_accuracy,
-eval_loss, wall_time_s, stage_times_s, settings). The same arguments give the same corpus, data order
-and initial weights.
+stages), `eval.json` (every held-out picture's answer), `eval_sft.json` (every held-out SFT question's
+answer) and `report.json` (accuracy, multi_shape_accuracy, sft_scores per question type and group,
+text_only_accuracy, eval_loss, wall_time_s, stage_times_s, settings). The same arguments give the same
+corpus, data order and initial weights.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlm.demo.scoring import question_table
 from vlm.demo.settings import STAGES, TINY, TINY_TRAIN_ARGS, DemoPaths, DemoSettings
 from vlm.demo.stages import (
     StageError,
@@ -50,6 +53,8 @@ def _parse_args(argv: list[str] | None) -> DemoSettings:
     p.add_argument("--pretrain", type=int, default=d.pretrain, help="caption records (pictures) for pretraining")
     p.add_argument("--sft", type=int, default=d.sft, help="multi-turn instruction records for SFT")
     p.add_argument("--eval", type=int, default=d.eval, help="held-out pictures (half with one shape)")
+    p.add_argument("--eval_sft", type=int, default=d.eval_sft,
+                   help="held-out SFT questions, the 17 question types in turn (0: none)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the corpus, data order and initial weights")
     p.add_argument("--vision_steps", type=int, default=d.vision_steps,
                    help="steps teaching the vision encoder before the VLM stages (0: learn only through the LM)")
@@ -75,6 +80,8 @@ def _parse_args(argv: list[str] | None) -> DemoSettings:
         settings.train_args = TINY_TRAIN_ARGS + settings.train_args
     if min(settings.pretrain, settings.sft, settings.eval, settings.ranks, settings.batch_size) < 1:
         p.error("--pretrain, --sft, --eval, --ranks and --batch_size must be at least 1")
+    if settings.eval_sft < 0:
+        p.error("--eval_sft must be at least 0")
     return settings
 
 
@@ -98,16 +105,23 @@ def print_summary(report: dict, paths: DemoPaths) -> None:
           f"{_fmt(report['accuracy'])}")
     print(f"multi-shape accuracy ({multi['n']} pictures with 2-3 shapes): {_fmt(report['multi_shape_accuracy'])}"
           f"   eval loss {report['eval_loss']:.3f}   wall time {report['wall_time_s']:.0f} s")
+    asked = report.get("sft_scores")
+    if asked:
+        print(f"held-out SFT questions ({asked['overall']['n']}; attribute: the value asked for is right, "
+              f"text-only accuracy {_fmt(report['text_only_accuracy'])}):")
+        print("\n".join(question_table(asked, indent="  ")))
     vision = report.get("vision_stage")
     if vision:
         held = vision["held_out"]
-        print(f"vision stage ({vision['steps']} steps on {vision['pictures']} pretrain pictures), held-out: "
-              + "  ".join(f"{k} {_fmt(held[k])}" for k in ("kind", "colour", "position", "size"))
+        print(f"vision stage ({vision['steps']} steps on {vision['pictures']} pretrain pictures), held-out cells: "
+              + "  ".join(f"{k} {_fmt(held[k])}" for k in ("position", "kind", "colour", "size"))
+              + f"   pictures with every cell right {_fmt(held['pictures'])}"
               + (f"   unreadable samples skipped: {vision['skipped']}" if vision["skipped"] else ""))
     print(f"loss curves: {paths.loss_plot} (per stage: {paths.stage_out('pretrain') / 'loss.png'}, "
           f"{paths.stage_out('sft') / 'loss.png'})")
     print(f"weights: {paths.export} (Hugging Face folder), {paths.minimind} (MiniMind-V .pth)")
-    print(f"report: {paths.report} (every answer: {paths.eval_json})")
+    print(f"report: {paths.report} (every answer: {paths.eval_json}"
+          + (f", {paths.eval_sft_json})" if asked else ")"))
     picture = report["answers"][0]["images"][0] if report["answers"] else "PICTURE.jpg"
     print(f"chat: python -m vlm.chat --checkpoint {paths.export} --image {paths.eval_images / picture} "
           f"--prompt \"Describe the shapes.\"")
@@ -152,14 +166,19 @@ def run(settings: DemoSettings) -> dict:
         bar.update(1)
     bar.close()
     environment["load_average_end"] = list(os.getloadavg())
-    report = {"accuracy": evaluation["accuracy"], "multi_shape_accuracy": evaluation["multi_shape_accuracy"],
-              "eval_loss": evaluation["loss"], "eval_perplexity": evaluation["perplexity"],
+    held, asked = evaluation["eval"], evaluation["eval_sft"]
+    sft_scores = asked["sft_scores"] if asked else None
+    report = {"accuracy": held["accuracy"], "multi_shape_accuracy": held["multi_shape_accuracy"],
+              "sft_scores": sft_scores,
+              "text_only_accuracy": sft_scores["by_group"].get("text", {}).get("attribute") if sft_scores else None,
+              "eval_loss": held["loss"], "eval_perplexity": held["perplexity"],
+              "eval_sft_loss": asked["loss"] if asked else None,
               "wall_time_s": round(time.perf_counter() - start, 1), "stage_times_s": times,
-              "scores": evaluation["scores"], "vision_stage": vision, "settings": vars(settings),
+              "scores": held["scores"], "vision_stage": vision, "settings": vars(settings),
               "environment": environment,
               "paths": paths.listing()}
     paths.report.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    return report | {"answers": evaluation["answers"]}
+    return report | {"answers": held["answers"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ STAGES = ("corpus", "shards", "vision", "pretrain", "sft", "export", "eval")
 SPLITS = ("pretrain", "sft", "eval")
 
 # --tiny: a smoke run of every stage (the tests use it); a short warm-up so that the loss visibly falls.
-TINY = {"pretrain": 96, "sft": 64, "eval": 16, "pretrain_epochs": 1, "sft_epochs": 1, "batch_size": 8,
-        "vision_steps": 10, "pretrain_steps": 8, "sft_steps": 6, "log_interval": 2, "num_workers": 0}
+TINY = {"pretrain": 96, "sft": 64, "eval": 16, "eval_sft": 34, "pretrain_epochs": 1, "sft_epochs": 1,
+        "batch_size": 8, "vision_steps": 10, "pretrain_steps": 8, "sft_steps": 6, "log_interval": 2,
+        "num_workers": 0}
 TINY_TRAIN_ARGS = ["--train.warmup_steps=2"]
 
 
@@ -20,13 +21,14 @@ class DemoSettings:
 
     data: str = "data/demo"
     out: str = "out/demo"
-    pretrain: int = 16000  # new pictures beat repeated ones: 2 passes over 16000 captions = 1000 steps
-    sft: int = 1500
+    pretrain: int = 12800  # one pass: 400 steps
+    sft: int = 4000  # with a tenth of the captions mixed in, 4 passes: 660 steps
     eval: int = 400
+    eval_sft: int = 612  # 36 held-out questions of each of the 17 SFT question types
     seed: int = 0
     vision_steps: int = 1000
-    pretrain_epochs: int = 2
-    sft_epochs: int = 2
+    pretrain_epochs: int = 1
+    sft_epochs: int = 4
     pretrain_steps: int | None = None
     sft_steps: int | None = None
     batch_size: int = 32
@@ -89,6 +91,11 @@ class DemoPaths:
         return self.out / "eval.json"
 
     @property
+    def eval_sft_json(self) -> Path:
+        """eval_sft.json: every held-out SFT question's answer with its scores."""
+        return self.out / "eval_sft.json"
+
+    @property
     def eval_images(self) -> Path:
         """The held-out pictures."""
         return self.dataset / "eval_images"
@@ -99,4 +106,5 @@ class DemoPaths:
                 "export": str(self.export),
                 "minimind_pth": str(self.minimind), "loss_plot": str(self.loss_plot),
                 "loss_plots": [str(self.stage_out(s) / "loss.png") for s in ("pretrain", "sft")],
-                "eval_json": str(self.eval_json), "report": str(self.report)}
+                "eval_json": str(self.eval_json), "eval_sft_json": str(self.eval_sft_json),
+                "report": str(self.report)}

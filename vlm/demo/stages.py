@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 CONFIGS = REPO / "launch" / "configs"
 _BAR = re.compile(r"train:.*?(\d+)/(\d+) \[")
+NO_VISION_STAGE_ARGS = ["--model.vision_model=builtin:tiny", "--model.vision_trainable=true",
+                        "--model.pixel_shuffle=1", "--train.trainable=all"]
+"""Trainer flags of both VLM stages when --vision_steps is 0 (see launch/configs/demo_pretrain.yaml)."""
 _LOG_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.naif]+)|eval loss ([0-9.naif]+)")
 
 
@@ -37,7 +40,7 @@ def make_corpus(paths: DemoPaths, settings: DemoSettings) -> bool:
     """Write the synthetic corpus; reuse one already there with the same counts and seed. True if written."""
     from data_tools.synth import INFO_FILE, write_corpus
 
-    counts = {"pretrain": settings.pretrain, "sft": settings.sft, "eval": settings.eval}
+    counts = {"pretrain": settings.pretrain, "sft": settings.sft, "eval": settings.eval, "eval_sft": settings.eval_sft}
     info = paths.dataset / INFO_FILE
     if info.is_file():
         old = json.loads(info.read_text(encoding="utf-8"))
@@ -102,8 +105,10 @@ def train_args(stage: str, paths: DemoPaths, settings: DemoSettings) -> list[str
             "--resume", "never"]
     if steps is not None:
         args += ["--max_steps", str(steps)]
-    if stage == "pretrain" and settings.vision_steps > 0:
+    if settings.vision_steps > 0:  # the encoder the vision stage taught, frozen (as the YAMLs say)
         args.append(f"--model.vision_model={paths.vision}")
+    else:  # no vision stage: the random-init built-in encoder, trained through the language model
+        args += NO_VISION_STAGE_ARGS
     if stage == "sft":
         args += ["--eval_shards", str(paths.shards("eval")),
                  f"--model.init_weights={paths.stage_out('pretrain') / 'export'}"]
@@ -211,13 +216,21 @@ def plot_stages(paths: DemoPaths) -> None:
     plt.close(fig)
 
 
-def run_evaluation(paths: DemoPaths, settings: DemoSettings) -> dict:
-    """Held-out loss and answers of the exported SFT model on the eval pictures; writes eval.json."""
+def run_evaluation(paths: DemoPaths, settings: DemoSettings) -> dict[str, dict | None]:
+    """Held-out loss and answers of the exported SFT model on the eval pictures (written to eval.json) and
+    on the held-out SFT questions (eval_sft.json); {"eval": report, "eval_sft": report, None with
+    --eval_sft 0}."""
     from vlm.eval import evaluate, records_from_jsonl
     from vlm.inference import load_model
 
     vlm = load_model(paths.export)
-    records, _ = records_from_jsonl(paths.dataset / "eval_data.jsonl", paths.eval_images)
-    report = evaluate(vlm, records, batch_size=64, max_new_tokens=96)
-    paths.eval_json.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return report
+    reports: dict[str, dict | None] = {"eval": None, "eval_sft": None}
+    # Longest expected replies: 30 tokens either way. A question's prompts vary in length, so its answers are
+    # generated in many small batches, each running to the limit unless every reply in it has ended.
+    for split, out, max_new_tokens in (("eval", paths.eval_json, 96), ("eval_sft", paths.eval_sft_json, 48)):
+        if split == "eval_sft" and settings.eval_sft == 0:
+            continue
+        records, _ = records_from_jsonl(paths.dataset / f"{split}_data.jsonl", paths.dataset / f"{split}_images")
+        reports[split] = evaluate(vlm, records, batch_size=64, max_new_tokens=max_new_tokens)
+        out.write_text(json.dumps(reports[split], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return reports
