@@ -15,10 +15,9 @@ from vlm.demo.vision import (
     TOWER,
     CellHeads,
     cell_labels,
-    cell_overlap,
     train_vision_encoder,
 )
-from vlm.model.projector import shuffled_tokens
+from vlm.model.projector import pixel_shuffle, shuffled_tokens
 from vlm.model.vision_encoder import encode_images, load_vision_encoder
 
 TINY_SHARDS = Path(__file__).parents[1] / "fixtures" / "tiny_shards"  # captions like "A red square.": no labels
@@ -38,19 +37,17 @@ def test_every_named_shape_labels_its_cell_and_the_other_cells_are_empty():
     assert cell_labels("Nothing I can parse.") is None
 
 
-def test_cell_pooling_starts_as_each_cells_share_of_the_patches():
-    overlap = cell_overlap(9)  # the demo tower: 9 x 9 patches, 3 x 3 per cell
-    assert torch.allclose(overlap.sum(dim=1), torch.ones(9))
-    top_left = overlap[0].reshape(9, 9)
-    assert torch.allclose(top_left[:3, :3], torch.full((3, 3), 1 / 9)) and top_left[3:].sum() == 0
-    assert torch.allclose(cell_overlap(8).sum(dim=1), torch.ones(9))  # cells need not align with patches
-    heads = CellHeads(16, 81)
-    features = torch.zeros(1, 81, 16)
-    features[0, :3, :] = 1.0  # only the top-left cell's first row of patches is lit
-    pooled = torch.einsum("cp,npd->ncd", heads.pool_logits.softmax(-1), features)
-    assert pooled[0, 0, 0] > 0.3 and pooled[0, 1:].max() < 1e-3  # other cells: next to nothing
-    with pytest.raises(ValueError, match="square grid"):
-        CellHeads(16, 80)
+def test_each_cell_is_read_from_the_image_token_the_language_model_gets():
+    heads = CellHeads(4, 81)  # the demo tower: 9 x 9 patches, 3 x 3 per cell
+    features = torch.zeros(1, 81, 4)
+    features[0, 3 * 9 + 6, :] = 1.0  # row 3, column 6: the first patch of the middle-right cell
+    tokens = pixel_shuffle(features, 3)  # what the VLM's projector receives
+    assert tokens.shape == (1, 9, 36) and tokens[0, POSITIONS.index("middle right")].sum() == 4
+    assert tokens[0].sum() == 4
+    assert heads(features).shape == (1, 9, sum(heads.sizes))
+    assert heads.sizes == [5, len(COLOURS), len(SIZES), 9]
+    with pytest.raises(ValueError, match="multiple of 3"):
+        CellHeads(16, 64)  # 8 x 8 patches: cells would split patches
 
 
 def test_the_demo_tower_gives_one_image_token_per_cell():
