@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -92,7 +93,8 @@ def scan(path: str, fmt: str) -> tuple[str, int, int | None]:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
             size += len(chunk)
-            lines += chunk.count(b"\n")
+            if fmt == "jsonl":
+                lines += chunk.count(b"\n")
             last = chunk[-1:]
     records = {"jsonl": lines + (last != b"\n"), "json": None, "parquet": None}[fmt]
     if fmt == "parquet":
@@ -100,17 +102,30 @@ def scan(path: str, fmt: str) -> tuple[str, int, int | None]:
     return digest.hexdigest(), size, records
 
 
-def read_records(path: str, fmt: str, done: int = 0, position: int = 0) -> Iterator[tuple[int, int, Any]]:
-    """(number, position after it, payload) for every record after the first `done`, reading from
-    `position`. Payloads: a JSONL line's bytes, a JSON array's element, a parquet row as a dict.
+def read_records(path: str, fmt: str, done: int = 0, position: int = 0,
+                 limit: int | None = None) -> Iterator[tuple[int, int, Any]]:
+    """(number, position after it, payload) for the records after the first `done` (at most `limit` of them),
+    reading from `position`. Payloads: a JSONL line's bytes, a JSON array's element, a parquet row as a dict.
     Raises InputError for a JSON array that breaks off or a parquet file without the columns."""
-    if fmt == "jsonl":
-        return _jsonl(path, done, position)
-    if fmt == "json":
-        return _json_array(path, done, position)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    records = {"jsonl": _jsonl, "json": _json_array}[fmt](path, done, position) if fmt != "parquet" \
+        else _parquet(path, done)
+    return records if limit is None else itertools.islice(records, limit)
+
+
+def range_starts(path: str, fmt: str, every: int, done: int = 0, position: int = 0) -> Iterator[tuple[int, int]]:
+    """(done, position) where each run of `every` records starts, from the record after `done` (read from
+    `position`) to the end: the `read_records` arguments of each run. Reads the file through once, lazily
+    (a JSON array is parsed). Not for parquet, whose rows can only be reached by decoding their row group from
+    its start: read those once, in order."""
     if fmt == "parquet":
-        return _parquet(path, done)
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise ValueError("range_starts reads JSONL and JSON; read parquet rows in order with read_records")
+    before = position
+    for number, after, _ in read_records(path, fmt, done, position):
+        if (number - 1 - done) % every == 0:
+            yield number - 1, before
+        before = after
 
 
 def decode(fmt: str, payload: Any, number: int) -> Decoded:
@@ -245,7 +260,10 @@ def _parquet_file(path: str):
     import pyarrow.parquet as pq  # imported here: only parquet input needs it
 
     try:
-        return pq.ParquetFile(path)
+        # Buffered page reads: memory bounded by the buffer and a batch, not by a row group (unbuffered reads
+        # take a whole column chunk), and without pre_buffer's coalesced reads, which are for remote stores
+        # and about 5x slower here for a local file.
+        return pq.ParquetFile(path, buffer_size=_CHUNK, pre_buffer=False)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
         raise InputError(f"{path} is not a readable parquet file: {e}") from e
 
@@ -257,25 +275,23 @@ def _parquet(path: str, done: int) -> Iterator[tuple[int, int, dict]]:
         raise InputError(f"{path} has no 'conversations' column (columns: {', '.join(names)}); MiniMind-V's "
                          "parquet files have 'conversations' and 'image_bytes'")
     columns = [c for c in PARQUET_COLUMNS if c in names]
-    start, skip = 0, done
-    groups = []
+    number, groups = 0, []  # rows before the first group read; the groups read
     for g in range(parquet.num_row_groups):
         rows = parquet.metadata.row_group(g).num_rows
-        if skip >= rows and not groups:
-            skip -= rows
-            start += rows
-            continue
-        groups.append(g)
+        if number + rows <= done and not groups:
+            number += rows  # wholly before the first row wanted: not read
+        else:
+            groups.append(g)
     if not groups:
         return
-    number = start
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
-        values = {c: batch.column(c).to_pylist() for c in columns}
-        for i in range(batch.num_rows):
-            number += 1
-            if number <= done:
-                continue
-            yield number, number, {c: values[c][i] for c in columns}
+        first = max(done - number, 0)  # rows of the batch already done: not turned into Python objects
+        if first < batch.num_rows:
+            part = batch.slice(first)
+            values = {c: part.column(c).to_pylist() for c in columns}
+            for i in range(part.num_rows):
+                yield number + first + i + 1, number + first + i + 1, {c: values[c][i] for c in columns}
+        number += batch.num_rows
 
 
 def input_name(path: str) -> str:

@@ -14,12 +14,20 @@ Exit status: 0 when shards were written and at most `--max-skip-fraction` of the
 when nothing usable came out of the input or more was skipped (the shards and manifest are still complete,
 so the skips can be inspected); 2 for a command or input error.
 
-Restarts: shards are written under `NAME.tmp` and renamed when complete, and `.shard-progress.json` records
-what is complete. Re-running the same command after an interruption resumes after the last complete shard
-(shard boundaries depend only on the input and the options, so the result is byte-identical to an
-uninterrupted run); a folder holding output of other options or another input is refused (`--overwrite`
-starts over). `--workers` only changes the speed: reading and checking run in a process pool, one writer
-writes in input order, so the bytes are the same for any worker count.
+Shards: shard k of the input's records holds the samples of `--samples-per-shard` N consecutive records
+(records kN+1 .. (k+1)N, counting JSONL lines, blank ones too, JSON array elements or parquet rows), so a
+shard with skipped records or blank lines holds fewer than N samples; `--max-shard-bytes` splits such a run of
+records into several shards. The boundaries depend only on the input and the options, never on timing.
+
+Workers: `--workers` processes each take whole runs of records and write their shards themselves (reading,
+checking, tar writing and SHA-256 all in parallel; no picture passes between processes), under temporary
+names; the main process only finds where each run starts, then numbers and renames the finished shards in
+input order. The bytes are the same for any worker count.
+
+Restarts: `.shard-progress.json` records what is complete (whole runs of records, renamed in order). Re-running
+the same command after an interruption removes unfinished files and resumes after the last complete run:
+the result is byte-identical to an uninterrupted run. A folder holding output of other options or another
+input is refused (`--overwrite` starts over).
 """
 
 from __future__ import annotations
@@ -30,28 +38,31 @@ import json
 import os
 import re
 import sys
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools import inputs
-from data_tools.shard_writer import ShardSink
+from data_tools.pool import ordered_map
+from data_tools.shard_folder import (
+    PROGRESS_NAME,
+    Progress,
+    ShardError,
+    prepare_outdir,
+    remove_parts,
+    save_progress,
+)
+from data_tools.shard_writer import ShardSink, commit
 from data_tools.validate import check_image
 from vlm.formats import manifest as mf
 from vlm.formats.constants import DEFAULT_MAX_PIXELS
 from vlm.formats.errors import BadSample
 from vlm.formats.records import read_image
 
-PROGRESS_NAME = ".shard-progress.json"
 _SAMPLE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Files this tool may delete in an output folder (on resume or --overwrite): its shards, indexes, temps.
-_OWN_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar(\.idx\.json)?(\.tmp)?$")
-
-
-class ShardError(Exception):
-    """A problem the user must fix; the message names the flag or file to change."""
+BOUNDARIES = "input_records"
+"""What shard boundaries count (manifest args `boundaries`): N input records per shard, skips included."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class Options:
         """The options that shape the output bytes (not --workers, --overwrite or --max-skip-fraction), with
         the resolved prefix and format, as in manifest.json."""
         return {"prefix": prefix, "format": fmt, "samples_per_shard": self.samples_per_shard,
+                "boundaries": BOUNDARIES,
                 "max_shard_bytes": self.max_shard_bytes, "resize_max": self.resize_max, "strict": self.strict,
                 "max_pixels": self.max_pixels, "full_decode": self.full_decode}
 
@@ -136,168 +148,116 @@ def _process_batch(cfg: RecordConfig, batch: list[tuple]) -> list[Result]:
     return [process_record(cfg, *item) for item in batch]
 
 
-@dataclass
-class Progress:
-    """Everything needed to continue after the last complete shard; saved in PROGRESS_NAME."""
+@dataclass(frozen=True)
+class RangeConfig:
+    """What a worker needs to write the shards of one run of records (picklable, sent with every task)."""
 
-    fingerprint: dict
-    next_line: int = 0  # records (JSONL: lines) consumed so far; the next one read is next_line + 1
-    next_byte: int = 0  # where reading continues (a byte offset; parquet: a row count)
-    input_records: int = 0
+    record: RecordConfig
+    input: str
+    outdir: str
+    every: int  # records per run (--samples-per-shard)
+    max_shard_bytes: int | None
+    strict: bool
+    owner: int  # the main process's pid, in part names
+
+
+@dataclass
+class RangeResult:
+    """One run of records written: its closed shard files (not yet numbered) and its counts."""
+
+    index: int  # the run's number: records index*every+1 .. (index+1)*every
+    parts: list  # [(temporary file name, entry without name/index, index bytes)], in input order
+    records: int = 0  # input records read (samples + skipped), blank lines not included
     blank_lines: int = 0
     skipped: list | None = None
-    shards: list | None = None
     placeholder_images_dropped: int = 0
-
-    def __post_init__(self):
-        self.skipped = self.skipped or []
-        self.shards = self.shards or []
+    end_line: int = 0  # the number of the last record (or blank line) read
+    end_byte: int = 0  # where reading continues after it
 
 
-def ordered_map(fn: Callable, cfg: RecordConfig, items: Iterable, workers: int, batch: int = 32) -> Iterator:
-    """fn(cfg, batch) over batches of `items`, results flattened in input order.
+def part_name(prefix: str, run: int, k: int, owner: int) -> str:
+    """Temporary name of the k-th shard of run `run`, while its final number is unknown; the sink adds .tmp.
+    `owner` (the main process's pid) keeps a worker left over from a killed run off the files of the next."""
+    return f"{prefix}-{run:06d}.{owner}-{k}.part"
 
-    With workers > 1 a process pool runs the batches, at most 2 per worker in flight so memory stays
-    bounded when the writer is the slower side. Workers are forked (no interpreter start, no re-imports) when
-    that is safe: on Linux, from a process with one thread and without torch loaded (the command line; the
-    pool starts every worker at its first task, before the writer's thread exists); else spawned. Neither
-    imports webdataset or torch.
-    """
-    if workers == 1:
-        for item in items:
-            yield from fn(cfg, [item])
+
+def write_range(cfg: RangeConfig, run: int, done: int, position: int, records: Iterable | None = None) -> RangeResult:
+    """Check the records done+1 .. done+every and write their samples as closed shard files under
+    `part_name`s; runs in worker processes. `records`: those records as `inputs.read_records` yields them
+    (parquet), or None to read them here from `position`. Raises ShardError at a bad record with `strict`,
+    and InputError for an input that breaks off; its unfinished files are removed then."""
+    outdir = Path(cfg.outdir)
+    result = RangeResult(run, [], skipped=[], end_line=done, end_byte=position)
+    sink: ShardSink | None = None
+    if records is None:
+        records = inputs.read_records(cfg.input, cfg.record.format, done, position, cfg.every)
+    try:
+        for number, end_byte, payload in records:
+            r = process_record(cfg.record, number, end_byte, payload)
+            result.end_line, result.end_byte = number, end_byte
+            if r.members is None and not r.reason:
+                result.blank_lines += 1
+                continue
+            result.records += 1
+            if r.reason:
+                if cfg.strict:
+                    raise ShardError(f"{cfg.input} {inputs.RECORD_UNIT[cfg.record.format]} {number}: {r.reason}: "
+                                     f"{r.detail} (drop --strict to skip and count such records instead)")
+                result.skipped.append({"line": number, "reason": r.reason, "detail": r.detail})
+                continue
+            result.placeholder_images_dropped += r.placeholder_dropped
+            if sink is not None and cfg.max_shard_bytes is not None \
+                    and sink.size_with(r.key, r.members) > cfg.max_shard_bytes:
+                result.parts.append((sink.tmp.name, *sink.close()))
+                sink = None
+            if sink is None:
+                sink = ShardSink(outdir, part_name(cfg.record.prefix, run, len(result.parts), cfg.owner))
+            sink.add(r.key, r.members, number)
+        if sink is not None:
+            result.parts.append((sink.tmp.name, *sink.close()))
+            sink = None
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        for tmp_name, _, _ in result.parts:
+            (outdir / tmp_name).unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _write_ranges(cfg: RangeConfig, runs: list[tuple]) -> list[RangeResult]:
+    return [write_range(cfg, *run) for run in runs]
+
+
+def _runs(cfg: RangeConfig, done: int, position: int, lazy: bool) -> Iterator[tuple]:
+    """`write_range` arguments (run, done, position[, records]) of every run of records after `done`.
+    JSONL and JSON runs are read by their worker (this process only finds where each starts). Parquet rows
+    are read here, once and in order (a row can only be reached by decoding its row group from the start),
+    and go with their run: a list, or with `lazy` (one process) an iterator drawn as the run is written."""
+    every, fmt = cfg.every, cfg.record.format
+    if fmt != "parquet":
+        yield from ((start // every, start, at) for start, at in inputs.range_starts(cfg.input, fmt, every, done,
+                                                                                   position))
         return
-    import multiprocessing  # only a pool needs these (about 10 ms to import)
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
-
-    forkable = sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules
-    context = multiprocessing.get_context("fork" if forkable else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque = deque()
-        items = iter(items)
-        try:
-            while chunk := list(itertools.islice(items, batch)):
-                pending.append(pool.submit(fn, cfg, chunk))
-                if len(pending) >= 2 * workers:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-        finally:
-            pool.shutdown(cancel_futures=True)
+    reader = inputs.read_records(cfg.input, fmt, done)
+    while (first := next(reader, None)) is not None:
+        rows = itertools.chain([first], itertools.islice(reader, every - 1))
+        yield (first[0] - 1) // every, first[0] - 1, first[0] - 1, rows if lazy else list(rows)
 
 
-def _refuse(outdir: Path, what: str) -> ShardError:
-    return ShardError(f"{outdir} {what}; pass --overwrite to delete it and start over, or choose another --out")
-
-
-def _differences(old: dict, new: dict) -> str:
-    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
-                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-
-
-def _own_files(outdir: Path) -> list[Path]:
-    names = {mf.MANIFEST_NAME, mf.MANIFEST_NAME + ".tmp", PROGRESS_NAME, PROGRESS_NAME + ".tmp"}
-    return sorted(p for p in outdir.iterdir() if p.name in names or _OWN_FILE.match(p.name))
-
-
-def prepare_outdir(opts: Options, fingerprint: dict) -> Progress | None:
-    """Progress to continue from (fresh or resumed), or None when the folder already holds this exact output."""
-    outdir = Path(opts.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if opts.overwrite:
-        for path in _own_files(outdir):
-            path.unlink()
-    if (outdir / mf.MANIFEST_NAME).exists():
-        old = _read_own_json(outdir, mf.MANIFEST_NAME)
-        source = old.get("source") if isinstance(old.get("source"), dict) else {}
-        if old.get("args") != fingerprint["args"] or source.get("sha256") != fingerprint["input_sha256"]:
-            diff = _differences(old.get("args") or {}, fingerprint["args"]) or "the input's content differs"
-            raise _refuse(outdir, f"already holds a complete shard set made differently ({diff})")
-        return None
-    if not (outdir / PROGRESS_NAME).exists():
-        if _own_files(outdir):
-            raise _refuse(outdir, "holds shard files without a manifest or progress record")
-        return Progress(fingerprint)
-    return _resume(outdir, fingerprint)
-
-
-def _read_own_json(outdir: Path, name: str) -> dict:
-    try:
-        data = json.loads((outdir / name).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _refuse(outdir, f"has an unreadable {name} ({e})") from e
-    if not isinstance(data, dict):
-        raise _refuse(outdir, f"has a {name} that is not a JSON object")
-    return data
-
-
-def _resume(outdir: Path, fingerprint: dict) -> Progress:
-    """The recorded progress of an interrupted run of the same command, with its unfinished files removed."""
-    try:
-        progress = Progress(**_read_own_json(outdir, PROGRESS_NAME))
-    except TypeError as e:
-        raise _refuse(outdir, f"has a {PROGRESS_NAME} from another version of this tool ({e})") from e
-    if progress.fingerprint != fingerprint:
-        diff = _differences(progress.fingerprint.get("args") or {}, fingerprint["args"]) or \
-            "the input's content or the images folder differs"
-        raise _refuse(outdir, f"holds an interrupted run made differently ({diff})")
-    done = {entry["name"] for entry in progress.shards} | {entry["index"] for entry in progress.shards}
-    for entry in progress.shards:
-        path = outdir / entry["name"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise _refuse(outdir, f"has lost or changed {entry['name']} since it was completed")
-    for path in _own_files(outdir):
-        if path.name not in done and path.name != PROGRESS_NAME:
-            path.unlink()  # a shard that was being written when the run stopped; it is redone from its start
-    return progress
-
-
-def _save_progress(outdir: Path, progress: Progress) -> None:
-    mf.write_bytes_atomic(outdir / PROGRESS_NAME, mf.dumps(asdict(progress)))
-
-
-class _Writer:
-    """Assigns samples to shards in input order and keeps `progress` at the last complete shard."""
-
-    def __init__(self, opts: Options, prefix: str, progress: Progress, after_shard: Callable[[int], None] | None):
-        self.opts, self.prefix, self.progress, self.after_shard = opts, prefix, progress, after_shard
-        self.outdir = Path(opts.out)
-        self.sink: ShardSink | None = None
-        self.last_sample_state: tuple | None = None  # counters just after the open shard's last sample
-
-    def add(self, result: Result) -> None:
-        p = self.progress
-        if self.sink is not None and self.opts.max_shard_bytes is not None \
-                and self.sink.size_with(result.key, result.members) > self.opts.max_shard_bytes:
-            self.close_shard()
-        if self.sink is None:
-            self.sink = ShardSink(self.outdir, mf.shard_name(self.prefix, len(p.shards)))
-        self.sink.add(result.key, result.members, result.line)
-        self.last_sample_state = (result.line, result.end_byte, p.input_records, p.blank_lines, len(p.skipped),
-                                  p.placeholder_images_dropped)
-        if self.sink.samples >= self.opts.samples_per_shard:
-            self.close_shard()
-
-    def close_shard(self) -> None:
-        if self.sink is None:
-            return
-        entry = self.sink.finish()
-        self.sink = None
-        p = self.progress
-        line, end_byte, records, blanks, n_skipped, dropped = self.last_sample_state
-        # Save the state as of this shard's last sample: a resume re-reads whatever came after it.
-        saved = Progress(p.fingerprint, line, end_byte, records, blanks, p.skipped[:n_skipped],
-                         p.shards + [entry], dropped)
-        _save_progress(self.outdir, saved)
-        p.shards.append(entry)
-        if self.after_shard is not None:
-            self.after_shard(len(p.shards) - 1)
-
-    def abort(self) -> None:
-        if self.sink is not None:
-            self.sink.abort()
-            self.sink = None
+def _commit(outdir: Path, prefix: str, progress: Progress, result: RangeResult) -> list[int]:
+    """Number and rename the run's shards after those already complete, add its counts, save the progress;
+    returns the numbers of its shards."""
+    first = len(progress.shards)
+    for tmp_name, entry, index in result.parts:
+        progress.shards.append(commit(outdir, tmp_name, mf.shard_name(prefix, len(progress.shards)), entry, index))
+    progress.next_line, progress.next_byte = result.end_line, result.end_byte
+    progress.input_records += result.records
+    progress.blank_lines += result.blank_lines
+    progress.skipped += result.skipped
+    progress.placeholder_images_dropped += result.placeholder_images_dropped
+    save_progress(outdir, progress)
+    return list(range(first, len(progress.shards)))
 
 
 def shard_corpus(opts: Options, after_shard: Callable[[int], None] | None = None) -> dict:
@@ -314,35 +274,32 @@ def shard_corpus(opts: Options, after_shard: Callable[[int], None] | None = None
     prefix = opts.prefix or default_prefix(opts.input, input_sha)
     images_root = os.path.realpath(opts.images) if opts.images is not None and fmt != "parquet" else None
     fingerprint = {"args": opts.output_args(prefix, fmt), "input_sha256": input_sha, "images": images_root}
-    progress = prepare_outdir(opts, fingerprint)
+    progress = prepare_outdir(Path(opts.out), opts.overwrite, fingerprint)
     if progress is None:
         print(f"{opts.out} already holds the complete output of this command; nothing to do.")
         return mf.load_manifest(opts.out)
-    cfg = RecordConfig(images_root, inputs.input_name(opts.input), fmt, prefix, opts.max_pixels,
-                       opts.full_decode, opts.resize_max)
-    writer = _Writer(opts, prefix, progress, after_shard)
+    record_cfg = RecordConfig(images_root, inputs.input_name(opts.input), fmt, prefix, opts.max_pixels,
+                              opts.full_decode, opts.resize_max)
+    cfg = RangeConfig(record_cfg, opts.input, opts.out, opts.samples_per_shard, opts.max_shard_bytes, opts.strict,
+                      os.getpid())
+    outdir = Path(opts.out)
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: a process with one thread forks its workers (ordered_map)
     bar = tqdm(total=total, initial=progress.next_line, unit="record", desc=prefix, disable=None)
-    records = inputs.read_records(opts.input, fmt, progress.next_line, progress.next_byte)
+    runs = _runs(cfg, progress.next_line, progress.next_byte, lazy=opts.workers == 1)
+    # Parquet runs carry their rows: fewer of them wait, to bound memory.
+    ahead = opts.workers + 1 if fmt == "parquet" else 2 * opts.workers
+    written = ordered_map(_write_ranges, cfg, runs, opts.workers, batch=1, ahead=ahead)
     try:
-        for result in ordered_map(_process_batch, cfg, records, opts.workers):
-            bar.update(1)
-            if result.members is not None:
-                progress.input_records += 1
-                progress.placeholder_images_dropped += result.placeholder_dropped
-                writer.add(result)
-            elif result.reason:
-                if opts.strict:
-                    raise ShardError(f"{opts.input} {inputs.RECORD_UNIT[fmt]} {result.line}: {result.reason}: {result.detail} "
-                                     "(drop --strict to skip and count such records instead)")
-                progress.input_records += 1
-                progress.skipped.append({"line": result.line, "reason": result.reason, "detail": result.detail})
-            else:
-                progress.blank_lines += 1
-        writer.close_shard()
+        for result in written:
+            bar.update(result.end_line - progress.next_line)
+            for number in _commit(outdir, prefix, progress, result):
+                if after_shard is not None:
+                    after_shard(number)
     finally:
-        writer.abort()
+        written.close()  # stops the pool, after the runs in progress end
+        remove_parts(outdir)  # runs written but not committed (an error, an interrupt): redone on resume
         bar.close()
     manifest = _build_manifest(opts, fingerprint["args"], fmt, progress, input_sha, input_bytes)
     mf.write_manifest(opts.out, manifest)

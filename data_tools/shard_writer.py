@@ -113,9 +113,9 @@ class _BackgroundFile:
             if self.error is not None:
                 continue  # after a failure only drain: the caller raises it at its next hand-over or at close
             try:
-                for chunk in batch:
-                    self.digest.update(chunk)
-                    self.file.write(chunk)
+                data = b"".join(batch)  # one hash update and one write per batch: each needs the GIL back
+                self.digest.update(data)
+                self.file.write(data)
             except BaseException as e:  # handed to the caller's thread
                 self.error = e
 
@@ -146,7 +146,8 @@ class _BackgroundFile:
 
 
 class ShardSink:
-    """One shard being written under NAME.tmp; `finish` renames it and writes its index."""
+    """One shard being written under NAME.tmp; `finish` renames it and writes its index (or `close` now and
+    `commit` later, under another name: the sharder's workers write shards whose final number is not yet known)."""
 
     def __init__(self, outdir: Path, name: str):
         self.outdir, self.name = Path(outdir), name
@@ -184,20 +185,36 @@ class ShardSink:
         self.lines.append(line)
         self.out.write(chunk)
 
-    def finish(self) -> dict:
-        """Close, fsync and rename the shard, write its index; returns the manifest's shard entry."""
+    def close(self) -> tuple[dict, bytes]:
+        """End the archive, close and fsync the file, still under its temporary name (`tmp`); returns the
+        manifest's shard entry without `name` and `index`, and the index file's bytes (see `commit`)."""
         end = self.out.bytes + 2 * _BLOCK
         self.out.write(bytes(2 * _BLOCK + -end % _RECORD))
         self.out.close(sync=True)
-        os.replace(self.tmp, self.outdir / self.name)
         index = mf.dumps({"keys": self.keys, "offsets": self.offsets, "sizes": self.sizes}, compact=True)
-        mf.write_bytes_atomic(self.outdir / mf.index_name(self.name), index)
-        return {"name": self.name, "samples": self.samples, "bytes": self.out.bytes,
-                "sha256": self.out.digest.hexdigest(), "index": mf.index_name(self.name),
-                "index_sha256": hashlib.sha256(index).hexdigest(),
-                "first_line": self.lines[0] if self.lines else None, "last_line": self.lines[-1] if self.lines else None}
+        entry = {"samples": self.samples, "bytes": self.out.bytes, "sha256": self.out.digest.hexdigest(),
+                 "index_sha256": hashlib.sha256(index).hexdigest(),
+                 "first_line": self.lines[0] if self.lines else None,
+                 "last_line": self.lines[-1] if self.lines else None}
+        return entry, index
+
+    def finish(self) -> dict:
+        """Close, fsync and rename the shard, write its index; returns the manifest's shard entry."""
+        entry, index = self.close()
+        return commit(self.outdir, self.tmp.name, self.name, entry, index)
 
     def abort(self) -> None:
         """Close and delete the unfinished NAME.tmp; no index is written."""
         self.out.close(sync=False)
         self.tmp.unlink(missing_ok=True)
+
+
+def commit(outdir: Path, tmp_name: str, name: str, entry: dict, index: bytes) -> dict:
+    """Rename the closed shard file `tmp_name` in OUTDIR to NAME and write its index beside it (atomically);
+    returns `entry` with `name` and `index` set, in the manifest's key order. The bytes of a shard and of
+    its index do not contain its name, so a shard written under a temporary name is final once renamed."""
+    outdir = Path(outdir)
+    os.replace(outdir / tmp_name, outdir / name)
+    mf.write_bytes_atomic(outdir / mf.index_name(name), index)
+    return {"name": name, "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
+            "index": mf.index_name(name), **{k: entry[k] for k in ("index_sha256", "first_line", "last_line")}}

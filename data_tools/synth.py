@@ -216,7 +216,7 @@ def write_corpus(out: str | Path, pretrain: int = 2000, sft: int = 1000, eval: i
                  workers: int | None = None) -> dict[str, int]:
     """Write the corpus into `out`; returns the number of records written per split. `workers` processes
     draw the pictures (default: up to 2); the files are the same bytes for any number."""
-    from data_tools.shard import ordered_map  # the sharder's ordered process pool
+    from data_tools.pool import ordered_map
 
     out = Path(out)
     counts = {"pretrain": pretrain, "sft": sft, "eval": eval, "eval_sft": eval_sft}

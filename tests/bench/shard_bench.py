@@ -6,10 +6,10 @@ Generates a corpus of JPEG and PNG pictures (64-320 px, gradients plus noise so 
 photos) and a JSONL with 1-image, 2-image and text-only records (and, when pyarrow is installed, the same
 records as a MiniMind-V 3v parquet file with the pictures inside), then times, interleaved and repeated:
 `tar cf` of the JSONL and images, the sharder at the default validation level with 1 and 2 workers, with
---full-decode, from the parquet file, and the interpreter's start-up with the sharder's imports. Prints one
+--full-decode, from the parquet file (1 and 2 workers), and the interpreter's start-up with the sharder's imports. Prints one
 table: the fastest and the median run, both as ratios to tar's fastest and median, the goal and whether the
 fastest run meets it (fastest runs: the machine is shared, the least disturbed run is the fairest), CPU
-seconds, and every run's wall time.
+seconds, records and MiB of pictures per second, and every run's wall time.
 """
 
 from __future__ import annotations
@@ -141,8 +141,9 @@ def variants(root: Path, corpus: Path) -> dict[str, tuple[list[str], Path | None
     }
     parquet = make_parquet(corpus)
     if parquet is not None:
-        found["shard parquet, 1 worker"] = ([py, "-m", "data_tools.shard", "--input", str(parquet), *common,
-                                             "--workers", "1"], out)
+        for workers in (1, 2):
+            found[f"shard parquet, {workers} worker{'s' * (workers > 1)}"] = (
+                [py, "-m", "data_tools.shard", "--input", str(parquet), *common, "--workers", str(workers)], out)
     else:
         print("parquet input: not timed (pyarrow is not installed)")
     found["python start-up + imports"] = ([py, "-c", "import data_tools.shard"], None)
@@ -169,25 +170,27 @@ def run_bench(root: Path, n_images: int, repeats: int) -> int:
     for _ in range(repeats):
         for name, (cmd, dest) in commands.items():
             times[name].append(timed(cmd, root, dest))
-    print_table(times, load_before)
+    print_table(times, load_before, records, image_bytes)
     return 0
 
 
-def print_table(times: dict[str, list[tuple[float, float]]], load_before: tuple[float, ...]) -> None:
+def print_table(times: dict[str, list[tuple[float, float]]], load_before: tuple[float, ...], records: int,
+                image_bytes: int) -> None:
     """Ratios to tar: fastest over tar's fastest (least disturbed on a shared machine; the goals apply to
-    it), median over tar's median beside it."""
+    it), median over tar's median beside it; records and MiB of pictures per second of the fastest run."""
     best = {name: min(w for w, _ in runs) for name, runs in times.items()}
     median = {name: statistics.median(w for w, _ in runs) for name, runs in times.items()}
     cpu = {name: min(c for _, c in runs) for name, runs in times.items()}
     tar, tar_median = best["tar cf (floor)"], median["tar cf (floor)"]
     print(f"\n{'variant':30} {'fastest s':>9} {'median s':>8} {'x tar':>6} {'x tar median':>12} {'goal':>5} "
-          f"{'met?':>4} {'cpu s':>6}  wall of each run (s)")
+          f"{'met?':>4} {'cpu s':>6} {'records/s':>9} {'MiB/s':>6}  wall of each run (s)")
     for name in times:
         goal = f"<={GOALS[name]:.0f}x" if name in GOALS else ""
         met = ("yes" if best[name] / tar <= GOALS[name] else "no") if name in GOALS else ""
         runs = " ".join(f"{w:.2f}" for w, _ in times[name])
         print(f"{name:30} {best[name]:9.2f} {median[name]:8.2f} {best[name] / tar:6.2f} "
-              f"{median[name] / tar_median:12.2f} {goal:>5} {met:>4} {cpu[name]:6.2f}  {runs}")
+              f"{median[name] / tar_median:12.2f} {goal:>5} {met:>4} {cpu[name]:6.2f} "
+              f"{records / best[name]:9.0f} {image_bytes / 2**20 / best[name]:6.0f}  {runs}")
     loads = " -> ".join(", ".join(f"{x:.1f}" for x in load) for load in (load_before, os.getloadavg()))
     print(f"\nmachine: {os.cpu_count()} CPU(s), load average {loads} (1, 5, 15 min; before -> after); "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; cpu s = user + sys of the command "

@@ -137,8 +137,11 @@ def test_a_pretty_printed_llava_array_given_as_jsonl_is_read_as_what_it_is(tmp_p
     assert "3 records in (json), 3 samples written" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fmt, name", [("json", "data.json"), ("parquet", "data.parquet")])
-def test_an_interrupted_run_of_a_json_array_or_parquet_resumes_to_the_same_bytes(tmp_path, fmt, name):
+@pytest.mark.parametrize("fmt, name, workers", [("json", "data.json", 1), ("parquet", "data.parquet", 1),
+                                                ("json", "data.json", 3), ("parquet", "data.parquet", 3)])
+def test_an_interrupted_run_of_a_json_array_or_parquet_resumes_to_the_same_bytes(tmp_path, fmt, name, workers):
+    """Also with 3 workers, against one: JSON runs are found by parsing ahead and re-read by their worker,
+    parquet rows (row groups of 5, runs of 2) are read once by the main process and sent with their run."""
     images = images_folder(tmp_path)
     if fmt == "json":
         (tmp_path / name).write_text(json.dumps(llava_records() * 4, indent=1, ensure_ascii=False))
@@ -147,6 +150,7 @@ def test_an_interrupted_run_of_a_json_array_or_parquet_resumes_to_the_same_bytes
         pq.write_table(pa.concat_tables([table] * 4), tmp_path / name, row_group_size=5)
     argv = ["--input", str(tmp_path / name), "--images", str(images), "--samples-per-shard", "2"]
     assert run(*argv, "--out", str(tmp_path / "clean")) == 0
+    argv += ["--workers", str(workers)]
     opts = shard.parse_args([*argv, "--out", str(tmp_path / "cut")])
 
     def stop(index: int) -> None:

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
 
@@ -303,8 +304,12 @@ def test_output_bytes_do_not_depend_on_worker_count(tmp_path):
     assert run(jsonl, images, tmp_path / "w1", "--samples-per-shard", "7", "--workers", "1") == 0
     assert run(jsonl, images, tmp_path / "w3", "--samples-per-shard", "7", "--workers", "3") == 0
     one, three = folder_bytes(tmp_path / "w1"), folder_bytes(tmp_path / "w3")
-    assert len(one) == 2 * 6 + 1 and one == three  # 40 samples in shards of 7: six shards + indexes + manifest
+    assert len(one) == 2 * 7 + 1 and one == three  # 47 lines in runs of 7: seven shards + indexes + manifest
     manifest = mf.load_manifest(tmp_path / "w1")
+    # Shard k holds the samples of lines 7k+1 .. 7k+7, whatever was skipped before it.
+    assert [(e["first_line"] - 1) // 7 for e in manifest["shards"]] == list(range(7))
+    assert [(e["last_line"] - 1) // 7 for e in manifest["shards"]] == list(range(7))
+    assert sum(e["samples"] for e in manifest["shards"]) == 40
     assert manifest["input_records"] == 44 and manifest["total_samples"] == 40
     assert manifest["skipped_by_reason"] == {"missing_image": 4} and manifest["blank_lines"] == 3
     # The command line (one thread, no torch) forks its workers: the same bytes again.
@@ -335,15 +340,15 @@ def interrupt_after(k: int):
     return hook
 
 
-BY_BYTES = ["--max-shard-bytes", "12288"]  # shards end at lines 4 | skip 5 | 6-8 | blank 9 | 10-12 ...
+BY_BYTES = ["--max-shard-bytes", "12288", "--samples-per-shard", "10"]  # runs of 10 lines, split by size
 
 
 @pytest.mark.parametrize("workers, limit, k", [(1, ["--samples-per-shard", "6"], 3),
                                               (2, ["--samples-per-shard", "6"], 3),
-                                              (1, BY_BYTES, 1), (1, BY_BYTES, 2)])
+                                              (1, BY_BYTES, 1), (2, BY_BYTES, 3)])
 def test_interrupted_run_resumes_without_duplicates_or_losses(tmp_path, workers, limit, k):
-    """Stopped after k shards; with a byte limit a shard closes when the next sample arrives, after the
-    skipped record or blank line in between was read: resuming must count those once."""
+    """Stopped once k shards are complete (with a byte limit, a run of records may make several shards and
+    is recorded as a whole); the resumed run must count skips and blank lines once and give the same bytes."""
     jsonl, images = bulk_corpus(tmp_path)
     flags = [*limit, "--workers", str(workers)]
     assert run(jsonl, images, tmp_path / "clean", *flags) == 0
@@ -352,12 +357,67 @@ def test_interrupted_run_resumes_without_duplicates_or_losses(tmp_path, workers,
     with pytest.raises(Interrupt):
         shard.shard_corpus(opts, after_shard=interrupt_after(k))
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("*.tar")) == [f"bulk-00000{i}.tar" for i in range(k)]
-    assert not (out / mf.MANIFEST_NAME).exists()
-    # What a hard kill leaves behind: a half-written next shard under its temporary name.
-    (out / f"bulk-00000{k}.tar.tmp").write_bytes(b"partial")
+    recorded = [e["name"] for e in json.loads((out / shard.PROGRESS_NAME).read_text())["shards"]]
+    assert len(recorded) >= k and recorded == [f"bulk-{i:06d}.tar" for i in range(len(recorded))]
+    assert sorted(p.name for p in out.iterdir()) == sorted([shard.PROGRESS_NAME, *recorded,
+                                                            *(mf.index_name(n) for n in recorded)])
+    # What a hard kill leaves behind: a half-written next shard, and a worker's unfinished run.
+    (out / f"bulk-{len(recorded):06d}.tar.tmp").write_bytes(b"partial")
+    (out / (shard.part_name("bulk", 4, 0, 12345) + ".tmp")).write_bytes(b"partial")
     assert run(jsonl, images, out, *flags) == 0
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+
+
+def test_strict_with_workers_stops_at_the_first_bad_record_and_keeps_the_runs_before_it(tmp_path, capsys):
+    """bulk_corpus's first bad record is line 5 (then 15, 26, 37): with runs of 3 lines and 3 workers, runs
+    after it may already be written when it is found; they are removed, the run before it is kept."""
+    jsonl, images = bulk_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert run(jsonl, images, out, "--samples-per-shard", "3", "--workers", "3", "--strict") == 2
+    err = capsys.readouterr().err
+    assert "line 5: missing_image" in err and "--strict" in err
+    assert sorted(p.name for p in out.iterdir()) == [shard.PROGRESS_NAME, "bulk-000000.tar",
+                                                      "bulk-000000.tar.idx.json"]
+    # The same command again resumes after the kept run and stops at the same record.
+    assert run(jsonl, images, out, "--samples-per-shard", "3", "--workers", "3", "--strict") == 2
+    assert "line 5: missing_image" in capsys.readouterr().err
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; whoever adopted it may not reap it at once
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_kill_9_with_workers_leaves_no_worker_running_and_resumes_to_the_same_bytes(tmp_path):
+    """SIGKILL of the command once its second shard is recorded: its pool workers end by themselves
+    (they would otherwise wait for tasks forever) and the same command then finishes the same bytes."""
+    jsonl, images = bulk_corpus(tmp_path)
+    flags = ["--samples-per-shard", "4", "--workers", "2"]
+    assert run(jsonl, images, tmp_path / "clean", *flags) == 0
+    pids = tmp_path / "pids"
+    driver = (
+        "import multiprocessing, os, signal, sys\n"
+        "from data_tools import shard\n"
+        "def hook(i):\n"
+        "    if i == 1:\n"
+        f"        open({str(pids)!r}, 'w').write(' '.join(str(p.pid) for p in multiprocessing.active_children()))\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shard.shard_corpus(shard.parse_args(sys.argv[1:]), after_shard=hook)\n")
+    result = subprocess.run([sys.executable, "-c", driver, *cli(jsonl, images, tmp_path / "out", *flags)],
+                            cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert result.returncode == -9
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, workers)), "pool workers outlived the killed command"
+    assert run(jsonl, images, tmp_path / "out", *flags) == 0
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
 
 
 def test_crash_inside_a_shard_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):

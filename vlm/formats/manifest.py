@@ -2,7 +2,9 @@
 
 A shard folder made by `python -m data_tools.shard --input F [--images D] --out OUTDIR --prefix P` holds:
 
-Shards `{P}-{index:06d}.tar` (index from 0), uncompressed tar archives with POSIX ustar headers (no pax
+Shards `{P}-{index:06d}.tar` (index from 0), each holding the samples of `samples_per_shard` N consecutive
+input records (records kN+1 .. (k+1)N: fewer samples where records were skipped; `max_shard_bytes` splits a
+run into several shards; args `boundaries` is "input_records"; older sets counted N samples), uncompressed tar archives with POSIX ustar headers (no pax
 extended headers are needed for these short ASCII names), written by `data_tools.shard_writer` (the bytes `webdataset.TarWriter` writes) with fixed
 mtime 0, uid/gid 0, uname/gname "vlm" and mode 0444, so the same input and arguments give the same bytes.
 One sample per accepted record, key `{P}_{line:09d}` where line is the record's 1-based number in the input
