@@ -12,22 +12,26 @@ and listed in the manifest with their reason (`--strict` stops at the first one 
 samples written + skipped, always. Blank lines are not records; they are counted in `blank_lines`.
 Exit status: 0 when shards were written and at most `--max-skip-fraction` of the records were skipped; 1
 when nothing usable came out of the input or more was skipped (the shards and manifest are still complete,
-so the skips can be inspected); 2 for a command or input error.
+so the skips can be inspected); 2 for a command or input error, or a worker process that died; 130 after
+Ctrl-C. After 2 or 130 the same command resumes.
 
-Shards: shard k of the input's records holds the samples of `--samples-per-shard` N consecutive records
-(records kN+1 .. (k+1)N, counting JSONL lines, blank ones too, JSON array elements or parquet rows), so a
-shard with skipped records or blank lines holds fewer than N samples; `--max-shard-bytes` splits such a run of
-records into several shards. The boundaries depend only on the input and the options, never on timing.
+Shards: the input's records are taken in runs of `--samples-per-shard` N (run k: records kN+1 .. (k+1)N,
+counting JSONL lines, blank ones too, JSON array elements or parquet rows); each run's samples make one
+shard, numbered in input order (a run with skipped records or blank lines holds fewer than N samples, a run
+with none makes no shard, `--max-shard-bytes` splits a run into several shards). The boundaries depend only
+on the input and the options, never on timing.
 
-Workers: `--workers` processes each take whole runs of records and write their shards themselves (reading,
-checking, tar writing and SHA-256 all in parallel; no picture passes between processes), under temporary
-names; the main process only finds where each run starts, then numbers and renames the finished shards in
-input order. The bytes are the same for any worker count.
+Workers: `--workers` processes each take whole runs and write their shards themselves (reading, checking, tar
+writing and SHA-256 all in parallel), under temporary names; the main process numbers and renames the
+finished shards in input order. For JSONL and JSON it only finds where each run starts and no picture passes
+between processes; parquet rows are read once, in order, by the main process and go to the worker with their
+run (a row is reached only by decoding its row group from the start), so memory then holds about two runs
+of rows per worker. The bytes are the same for any worker count.
 
-Restarts: `.shard-progress.json` records what is complete (whole runs of records, renamed in order). Re-running
-the same command after an interruption removes unfinished files and resumes after the last complete run:
-the result is byte-identical to an uninterrupted run. A folder holding output of other options or another
-input is refused (`--overwrite` starts over).
+Restarts: `.shard-progress.json` records what is complete: the runs committed in input order. Re-running the
+same command after an interruption removes unfinished files (and runs finished out of order) and resumes
+after the last committed run: the result is byte-identical to an uninterrupted run. A folder holding output
+of other options or another input is refused (`--overwrite` starts over), unless nothing of it was complete.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools import inputs
-from data_tools.pool import ordered_map
+from data_tools.pool import WorkerDied, ordered_map, stop_requested
 from data_tools.shard_folder import (
     PROGRESS_NAME,
     Progress,
@@ -144,10 +148,6 @@ def process_record(cfg: RecordConfig, line: int, end_byte: int, payload) -> Resu
                   placeholder_dropped=decoded.placeholder_dropped)
 
 
-def _process_batch(cfg: RecordConfig, batch: list[tuple]) -> list[Result]:
-    return [process_record(cfg, *item) for item in batch]
-
-
 @dataclass(frozen=True)
 class RangeConfig:
     """What a worker needs to write the shards of one run of records (picklable, sent with every task)."""
@@ -165,7 +165,6 @@ class RangeConfig:
 class RangeResult:
     """One run of records written: its closed shard files (not yet numbered) and its counts."""
 
-    index: int  # the run's number: records index*every+1 .. (index+1)*every
     parts: list  # [(temporary file name, entry without name/index, index bytes)], in input order
     records: int = 0  # input records read (samples + skipped), blank lines not included
     blank_lines: int = 0
@@ -187,12 +186,14 @@ def write_range(cfg: RangeConfig, run: int, done: int, position: int, records: I
     (parquet), or None to read them here from `position`. Raises ShardError at a bad record with `strict`,
     and InputError for an input that breaks off; its unfinished files are removed then."""
     outdir = Path(cfg.outdir)
-    result = RangeResult(run, [], skipped=[], end_line=done, end_byte=position)
+    result = RangeResult([], skipped=[], end_line=done, end_byte=position)
     sink: ShardSink | None = None
     if records is None:
         records = inputs.read_records(cfg.input, cfg.record.format, done, position, cfg.every)
     try:
         for number, end_byte, payload in records:
+            if stop_requested():
+                raise ShardError("stopped: the command is ending")  # the files of this run are removed below
             r = process_record(cfg.record, number, end_byte, payload)
             result.end_line, result.end_byte = number, end_byte
             if r.members is None and not r.reason:
@@ -289,7 +290,7 @@ def shard_corpus(opts: Options, after_shard: Callable[[int], None] | None = None
     bar = tqdm(total=total, initial=progress.next_line, unit="record", desc=prefix, disable=None)
     runs = _runs(cfg, progress.next_line, progress.next_byte, lazy=opts.workers == 1)
     # Parquet runs carry their rows: fewer of them wait, to bound memory.
-    ahead = opts.workers + 1 if fmt == "parquet" else 2 * opts.workers
+    ahead = opts.workers if fmt == "parquet" else 2 * opts.workers
     written = ordered_map(_write_ranges, cfg, runs, opts.workers, batch=1, ahead=ahead)
     try:
         for result in written:
@@ -388,7 +389,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--out", required=True, help="output folder for shards, indexes and manifest.json")
     p.add_argument("--prefix", help="shard and key prefix, [A-Za-z0-9_-] (default: the input's file stem and "
                                     "the start of its SHA-256, so keys differ across corpora)")
-    p.add_argument("--samples-per-shard", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--samples-per-shard", type=_positive, default=1000,
+                   help="input records per shard (default 1000); a shard holds the samples of its records")
     p.add_argument("--max-shard-bytes", type=_positive, help="also start a new shard before this size")
     p.add_argument("--workers", type=_positive, default=1, help="processes reading and checking records")
     p.add_argument("--resize-max", type=_positive, help="shrink images whose longer side exceeds this (px)")
@@ -421,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardError, inputs.InputError, mf.ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"error: {e}; run the same command again to resume (fewer --workers or a smaller "
+              "--samples-per-shard need less memory)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (complete shards in {opts.out} are kept)",
+              file=sys.stderr)
+        return 130
     print(summary(manifest, opts.out))
     problem = verdict(manifest, opts.max_skip_fraction)
     if problem:

@@ -64,9 +64,15 @@ def prepare_outdir(outdir: Path, overwrite: bool, fingerprint: dict) -> Progress
     if (outdir / mf.MANIFEST_NAME).exists():
         old = _read_own_json(outdir, mf.MANIFEST_NAME)
         source = old.get("source") if isinstance(old.get("source"), dict) else {}
-        if old.get("args") != fingerprint["args"] or source.get("sha256") != fingerprint["input_sha256"]:
-            diff = _differences(old.get("args") or {}, fingerprint["args"]) or "the input's content differs"
+        args = old.get("args") if isinstance(old.get("args"), dict) else {}
+        earlier = "boundaries" not in args  # made by an earlier version: shards of N samples, equally valid
+        same = {**args, "boundaries": fingerprint["args"]["boundaries"]} if earlier else args
+        if same != fingerprint["args"] or source.get("sha256") != fingerprint["input_sha256"]:
+            diff = _differences(args, fingerprint["args"]) or "the input's content differs"
             raise _refuse(outdir, f"already holds a complete shard set made differently ({diff})")
+        if earlier:
+            print(f"{outdir} was made by an earlier version of this tool (each shard holds N samples, not the "
+                  "samples of N records); it is complete and valid as it is (--overwrite remakes it)")
         return None
     if not (outdir / PROGRESS_NAME).exists():
         if any(OWN_FILE.match(path.name) for path in _own_files(outdir)):
@@ -94,9 +100,16 @@ def _resume(outdir: Path, fingerprint: dict) -> Progress:
     except TypeError as e:
         raise _refuse(outdir, f"has a {PROGRESS_NAME} from another version of this tool ({e})") from e
     if progress.fingerprint != fingerprint:
-        diff = _differences(progress.fingerprint.get("args") or {}, fingerprint["args"]) or \
-            "the input's content or the images folder differs"
-        raise _refuse(outdir, f"holds an interrupted run made differently ({diff})")
+        if not progress.shards:  # nothing was complete (an early error or interrupt): start afresh
+            for path in _own_files(outdir):
+                path.unlink()
+            progress = Progress(fingerprint)
+            save_progress(outdir, progress)
+            return progress
+        args = progress.fingerprint.get("args") or {}
+        diff = _differences(args, fingerprint["args"]) or "the input's content or the images folder differs"
+        version = " by an earlier version of this tool" if "boundaries" not in args else ""
+        raise _refuse(outdir, f"holds an interrupted run made differently{version} ({diff})")
     done = {entry["name"] for entry in progress.shards} | {entry["index"] for entry in progress.shards}
     for entry in progress.shards:
         path = outdir / entry["name"]

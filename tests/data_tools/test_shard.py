@@ -420,6 +420,57 @@ def test_kill_9_with_workers_leaves_no_worker_running_and_resumes_to_the_same_by
     assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
 
 
+def test_ctrl_c_with_workers_ends_promptly_without_tracebacks_and_resumes(tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore it, the command stops them, removes their
+    unfinished shards and exits 130 with one line (it could hang in a worker's queue read before)."""
+    jsonl, images = bulk_corpus(tmp_path)
+    flags = ["--samples-per-shard", "4", "--workers", "2"]
+    assert run(jsonl, images, tmp_path / "clean", *flags) == 0
+    driver = (
+        "import functools, os, signal, sys\n"
+        "from data_tools import shard\n"
+        "def hook(i):\n"
+        "    if i == 1:\n"
+        "        os.killpg(os.getpgid(0), signal.SIGINT)\n"
+        "shard.shard_corpus = functools.partial(shard.shard_corpus, after_shard=hook)\n"
+        "sys.exit(shard.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", driver, *cli(jsonl, images, out, *flags)], start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "interrupted; run the same command again to resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(out.glob("*.part.tmp"))
+    assert run(jsonl, images, out, *flags) == 0
+    assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+
+
+def test_a_folder_where_nothing_was_complete_takes_a_corrected_command(tmp_path, capsys):
+    """A run that failed before its first shard leaves only its progress record; the corrected input (or other
+    options) must not be refused as 'an interrupted run made differently'."""
+    jsonl, images = bulk_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert run(jsonl, images, out, "--strict") == 2  # line 5 names a missing picture
+    lines = jsonl.read_text().splitlines(keepends=True)
+    jsonl.write_text("".join(line for line in lines if "missing.jpg" not in line))
+    assert run(jsonl, images, out, "--strict") == 0
+    assert mf.load_manifest(out)["total_samples"] == 40
+
+
+def test_a_complete_folder_of_the_earlier_boundaries_is_kept_as_it_is(tmp_path, capsys):
+    jsonl, images = bulk_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert run(jsonl, images, out, "--samples-per-shard", "5") == 0
+    manifest = json.loads((out / mf.MANIFEST_NAME).read_text())
+    del manifest["args"]["boundaries"]  # what the earlier version wrote
+    (out / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    before = folder_bytes(out)
+    capsys.readouterr()
+    assert run(jsonl, images, out, "--samples-per-shard", "5") == 0
+    assert "made by an earlier version" in capsys.readouterr().out and folder_bytes(out) == before
+    assert run(jsonl, images, out, "--samples-per-shard", "6") == 2
+
+
 def test_crash_inside_a_shard_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
     jsonl, images = bulk_corpus(tmp_path)
     assert run(jsonl, images, tmp_path / "clean", "--samples-per-shard", "8") == 0

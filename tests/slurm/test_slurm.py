@@ -94,8 +94,9 @@ def test_srun_is_given_the_jobs_cpus_per_task(slurm, tmp_path):
              ("override", {"VLM_SRUN_ARGS": "--exact --cpus-per-task=1"}, "CPUs=1", 1)]
     for name, knobs, cpus, tasks in cases:
         env = {**job_env(slurm), "VLM_PYTHON": str(python), "VLM_SRUN_ARGS": "--exact", **knobs}
-        result = subprocess.run(["sbatch", "--wait", "--time=2", f"--output={tmp_path}/{name}-%j.out", "--ntasks=1",
-                                 "--cpus-per-task=2", "launch/slurm/train.sbatch", "unused.yaml"],
+        # --signal: the script's own lead (300 s) exceeds this 2-minute limit, so USR1 could come at once.
+        result = subprocess.run(["sbatch", "--wait", "--time=2", "--signal=B:USR1@10", f"--output={tmp_path}/{name}-%j.out",
+                                 "--ntasks=1", "--cpus-per-task=2", "launch/slurm/train.sbatch", "unused.yaml"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         text = "".join(p.read_text() for p in tmp_path.glob(f"{name}-*.out"))
         assert result.returncode == 0, f"{name}: {result.stderr}\n{text}"
