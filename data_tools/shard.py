@@ -209,13 +209,13 @@ def write_range(cfg: RangeConfig, run: int, done: int, position: int, records: I
             result.placeholder_images_dropped += r.placeholder_dropped
             if sink is not None and cfg.max_shard_bytes is not None \
                     and sink.size_with(r.key, r.members) > cfg.max_shard_bytes:
-                result.parts.append((sink.tmp.name, *sink.close()))
+                result.parts.append((sink.tmp.name, *sink.close(fsync=False)))  # synced when committed
                 sink = None
             if sink is None:
                 sink = ShardSink(outdir, part_name(cfg.record.prefix, run, len(result.parts), cfg.owner))
             sink.add(r.key, r.members, number)
         if sink is not None:
-            result.parts.append((sink.tmp.name, *sink.close()))
+            result.parts.append((sink.tmp.name, *sink.close(fsync=False)))  # synced when committed
             sink = None
     except BaseException:
         if sink is not None:

@@ -119,9 +119,10 @@ class _BackgroundFile:
             except BaseException as e:  # handed to the caller's thread
                 self.error = e
 
-    def close(self, sync: bool) -> None:
-        """Close the file once everything queued is written. With SYNC, fsync it first and raise the first
-        failed write; without (a shard being aborted), failures are ignored. A second call does nothing."""
+    def close(self, sync: bool, fsync: bool = True) -> None:
+        """Close the file once everything queued is written. With SYNC, fsync it first (unless not FSYNC: the
+        caller makes it durable later) and raise the first failed write; without (a shard being aborted),
+        failures are ignored. A second call does nothing."""
         if self.closed:
             return
         self.closed = True
@@ -136,7 +137,8 @@ class _BackgroundFile:
                     raise self.error
                 if sync:
                     self.file.flush()
-                    os.fsync(self.file.fileno())
+                    if fsync:
+                        os.fsync(self.file.fileno())
             finally:
                 try:
                     self.file.close()  # flushes the last bytes of the buffer
@@ -185,12 +187,13 @@ class ShardSink:
         self.lines.append(line)
         self.out.write(chunk)
 
-    def close(self) -> tuple[dict, bytes]:
-        """End the archive, close and fsync the file, still under its temporary name (`tmp`); returns the
-        manifest's shard entry without `name` and `index`, and the index file's bytes (see `commit`)."""
+    def close(self, fsync: bool = True) -> tuple[dict, bytes]:
+        """End the archive, close and (with FSYNC) fsync the file, still under its temporary name (`tmp`);
+        returns the manifest's shard entry without `name` and `index`, and the index file's bytes (see
+        `commit`, which fsyncs a file closed without)."""
         end = self.out.bytes + 2 * _BLOCK
         self.out.write(bytes(2 * _BLOCK + -end % _RECORD))
-        self.out.close(sync=True)
+        self.out.close(sync=True, fsync=fsync)
         index = mf.dumps({"keys": self.keys, "offsets": self.offsets, "sizes": self.sizes}, compact=True)
         entry = {"samples": self.samples, "bytes": self.out.bytes, "sha256": self.out.digest.hexdigest(),
                  "index_sha256": hashlib.sha256(index).hexdigest(),
@@ -200,7 +203,7 @@ class ShardSink:
 
     def finish(self) -> dict:
         """Close, fsync and rename the shard, write its index; returns the manifest's shard entry."""
-        entry, index = self.close()
+        entry, index = self.close(fsync=False)  # commit syncs it
         return commit(self.outdir, self.tmp.name, self.name, entry, index)
 
     def abort(self) -> None:
@@ -214,6 +217,11 @@ def commit(outdir: Path, tmp_name: str, name: str, entry: dict, index: bytes) ->
     returns `entry` with `name` and `index` set, in the manifest's key order. The bytes of a shard and of
     its index do not contain its name, so a shard written under a temporary name is final once renamed."""
     outdir = Path(outdir)
+    fd = os.open(outdir / tmp_name, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # once more costs nothing for a file already synced; a worker's shard is synced here
+    finally:
+        os.close(fd)
     os.replace(outdir / tmp_name, outdir / name)
     mf.write_bytes_atomic(outdir / mf.index_name(name), index)
     return {"name": name, "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
