@@ -304,7 +304,7 @@ def shard_corpus(opts: Options, after_shard: Callable[[int], None] | None = None
         bar.close()
     manifest = _build_manifest(opts, fingerprint["args"], fmt, progress, input_sha, input_bytes)
     mf.write_manifest(opts.out, manifest)
-    (Path(opts.out) / PROGRESS_NAME).unlink(missing_ok=True)  # absent when no shard was needed
+    (Path(opts.out) / PROGRESS_NAME).unlink(missing_ok=True)  # complete: nothing left to resume
     return manifest
 
 

@@ -428,6 +428,8 @@ def test_ctrl_c_with_workers_ends_promptly_without_tracebacks_and_resumes(tmp_pa
     assert run(jsonl, images, tmp_path / "clean", *flags) == 0
     driver = (
         "import functools, os, signal, sys\n"
+        # As at a terminal: a background job of a non-interactive shell (CI) inherits SIGINT ignored.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from data_tools import shard\n"
         "def hook(i):\n"
         "    if i == 1:\n"
